@@ -1,0 +1,57 @@
+"""From a validated job to the objects the math works on: sequential model, model inputs."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from ribray.checkpoints import load_model
+from ribray.config import DigitsData, JobSpec, ModAddData
+from ribray.data import Dataset, digits, modular_addition
+from ribray.math.jacobian import integration_points
+from ribray.math.sequential import SequentialModel, to_sequential
+from ribray.shards import ComputeSettings
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def load_sequential(job: JobSpec) -> SequentialModel:
+    """The job's model in sequential form (raises CheckpointError with one clear line)."""
+    spec = job.model
+    model, _ = load_model(Path(spec.path), spec.format, DTYPES[spec.dtype],
+                          Path(spec.config) if spec.config else None)
+    return to_sequential(model, last_pos_only=spec.last_pos_only).eval()
+
+
+def load_data(job: JobSpec) -> Dataset:
+    d = job.data
+    if isinstance(d, ModAddData):
+        ds = modular_addition(d.modulus, d.frac_train, d.seed, d.split)
+    elif isinstance(d, DigitsData):
+        ds = digits(d.frac_train, d.seed, d.split)
+    else:  # pragma: no cover - pydantic guarantees one of the above
+        raise TypeError(type(d))
+    if d.n_samples is not None:
+        ds = ds.slice(0, min(d.n_samples, len(ds)))
+    return ds
+
+
+def compute_settings(job: JobSpec) -> ComputeSettings:
+    bi, ei = job.basis.integration, job.edges.integration
+    return ComputeSettings(batch_size=job.ray.batch_size, chunk=job.ray.jacobian_chunk,
+                           basis_points=integration_points(bi.rule, bi.n),
+                           edge_points=integration_points(ei.rule, ei.n))
+
+
+def fingerprint_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint_tensor(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()

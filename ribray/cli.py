@@ -1,0 +1,151 @@
+"""The ``ribray`` command line: a thin layer over :mod:`ribray.orchestrate` and :mod:`ribray.store`.
+
+Errors the user can fix (job file, checkpoint, node layer, output path) print one line on
+stderr and exit with code 2; a failure during the run exits with code 1 and leaves the store
+marked ``failed``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="LIB (Local Interaction Basis) jobs on Ray.")
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False)
+
+USER_ERROR = 2
+
+
+def _fail(msg: str, code: int = USER_ERROR) -> typer.Exit:
+    err.print(f"error: {msg}", markup=False)
+    return typer.Exit(code)
+
+
+def _load(job_file: Path):
+    from ribray.config import JobFileError, load_job
+
+    try:
+        return load_job(job_file)
+    except JobFileError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def validate(job_file: Annotated[Path, typer.Argument(help="job YAML")]) -> None:
+    """Check a job file (fields, checkpoint, node layers) without running it."""
+    from ribray.build import load_data, load_sequential
+    from ribray.checkpoints import CheckpointError
+
+    job = _load(job_file)
+    try:
+        model = load_sequential(job)
+        model.check_order(job.basis.node_layers)
+        n = len(load_data(job))
+    except CheckpointError as exc:
+        raise _fail(f"{job_file}: field model.path: {exc}") from None
+    except (KeyError, ValueError) as exc:
+        msg = exc.args[0] if exc.args else str(exc)
+        raise _fail(f"{job_file}: field basis.node_layers: {msg}") from None
+    out.print(f"{job_file}: ok ({job.basis.kind}, {len(job.basis.node_layers)} node layers, "
+              f"{n} samples)")
+
+
+@app.command()
+def submit(
+    job_file: Annotated[Path, typer.Argument(help="job YAML")],
+    address: Annotated[str | None, typer.Option(help="Ray cluster address; default: start a "
+                                                     "local instance", envvar="RAY_ADDRESS",
+                                                show_envvar=True)] = None,
+    out_path: Annotated[Path | None, typer.Option("--out", help="store path (overrides the job "
+                                                                "file's `out`)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing store")] = False,
+    dashboard: Annotated[bool, typer.Option(help="start the Ray dashboard (127.0.0.1) with a "
+                                                 "local instance")] = True,
+) -> None:
+    """Run a LIB job on Ray and write its Zarr store."""
+    from ribray.checkpoints import CheckpointError
+    from ribray.orchestrate import WorkerError, run_job
+    from ribray.store import StoreError
+
+    job = _load(job_file)
+    store = out_path or Path(job.out)
+    try:
+        run_job(job, store, address=address, overwrite=overwrite, dashboard=dashboard,
+                log=lambda s: err.print(s, markup=False))
+    except CheckpointError as exc:
+        raise _fail(f"{job_file}: field model.path: {exc}") from None
+    except StoreError as exc:
+        raise _fail(f"{job_file}: field out: {exc}") from None
+    except KeyError as exc:
+        raise _fail(f"{job_file}: field basis.node_layers: {exc.args[0]}") from None
+    except (WorkerError, FloatingPointError) as exc:
+        raise _fail(f"{job_file}: run failed: {exc}; store {store} marked failed", 1) from None
+    except ValueError as exc:
+        raise _fail(f"{job_file}: {exc}") from None
+    out.print(f"wrote {store}")
+
+
+@app.command()
+def show(
+    store: Annotated[Path, typer.Argument(help="Zarr store written by `ribray submit`")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable summary")] = False,
+) -> None:
+    """Summarise a store: layers, dims kept, top eigenvalues, edge sums."""
+    from ribray.store import StoreError, open_store, summary
+
+    try:
+        s = summary(open_store(store))
+    except StoreError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(s, indent=2))
+        return
+    out.print(f"[bold]{store}[/bold]: job {s['name']}, basis {s['basis']}, status {s['status']}")
+    t = Table("node layer", "width", "features", "top Λ", "complete")
+    for row in s["layers"]:
+        lam = ", ".join(f"{v:.4g}" for v in row.get("top_lambdas", []))
+        t.add_row(row["layer"], str(row.get("width", "")), str(row.get("features", "")), lam,
+                  "yes" if row["complete"] else "no")
+    out.print(t)
+    if s["edges"]:
+        te = Table("edges", "shape", "ΣE", "max E")
+        for e in s["edges"]:
+            te.add_row(e["edge"], "x".join(map(str, e["shape"])), f"{e['sum']:.6g}",
+                       f"{e['max']:.6g}")
+        out.print(te)
+    if s["timings"]:
+        out.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["timings"].items()))
+
+
+@app.command()
+def train(
+    task: Annotated[str, typer.Argument(help="modadd | digits-mlp")],
+    out_path: Annotated[Path, typer.Option("--out", help="checkpoint to write")],
+    seed: Annotated[int, typer.Option(help="initialisation seed")] = 0,
+    modulus: Annotated[int, typer.Option(help="modadd: p")] = 113,
+    max_epochs: Annotated[int, typer.Option(help="modadd: stop here if not grokked")] = 60000,
+) -> None:
+    """Train a model of the paper (modular addition until it groks, or an MLP on digits)."""
+    from ribray.train import train_digits_mlp, train_modadd
+
+    if task == "modadd":
+        meta = train_modadd(out_path, p=modulus, seed=seed, max_epochs=max_epochs,
+                            log=lambda s: err.print(s, markup=False))
+        if meta["test_acc"] < 0.999:
+            raise _fail(f"did not grok within {max_epochs} epochs (test accuracy "
+                        f"{meta['test_acc']:.4%}); checkpoint saved anyway", 1)
+    elif task == "digits-mlp":
+        train_digits_mlp(out_path, seed=seed, log=lambda s: err.print(s, markup=False))
+    else:
+        raise _fail(f"unknown task {task!r}: choose modadd or digits-mlp")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,138 @@
+"""The job file: YAML validated with pydantic; unknown fields are errors.
+
+Relative paths in a job file are resolved against the working directory the command runs in (the
+repository root for the shipped jobs; the Ray Jobs ``working_dir`` on a cluster). See
+docs/jobs.md for every field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    path: str = Field(description="checkpoint file")
+    format: Literal["ribray", "tlens", "reference-mlp"] = "ribray"
+    config: str | None = Field(None, description="config.yaml for tlens/reference-mlp; default: "
+                                                 "beside the checkpoint")
+    dtype: Literal["float32", "float64"] = "float64"
+    last_pos_only: bool = Field(True, description="transformers: only the last position leaves "
+                                                  "the last attention (modular addition)")
+
+
+class ModAddData(Strict):
+    kind: Literal["modular-addition"] = "modular-addition"
+    modulus: Annotated[int, Field(ge=2)] = 113
+    frac_train: Annotated[float, Field(gt=0, lt=1)] = 0.3
+    seed: int = 0
+    split: Literal["train", "test", "all"] = "train"
+    n_samples: Annotated[int | None, Field(ge=1)] = None
+
+
+class DigitsData(Strict):
+    kind: Literal["digits"] = "digits"
+    frac_train: Annotated[float, Field(gt=0, lt=1)] = 0.8
+    seed: int = 0
+    split: Literal["train", "test", "all"] = "train"
+    n_samples: Annotated[int | None, Field(ge=1)] = None
+
+
+class Integration(Strict):
+    rule: Literal["gradient", "trapezoidal", "gauss-legendre"] = "gradient"
+    n: Annotated[int, Field(ge=0, description="intervals (trapezoidal) or nodes - 1 "
+                                              "(gauss-legendre); 0 for gradient")] = 0
+
+    @model_validator(mode="after")
+    def _gradient_has_no_points(self) -> Integration:
+        if self.rule == "gradient" and self.n != 0:
+            raise ValueError("rule 'gradient' takes n = 0 (one point at alpha = 1)")
+        return self
+
+
+class BasisSpec(Strict):
+    kind: Literal["lib", "gib", "pca", "neuron"] = "lib"
+    node_layers: Annotated[list[str], Field(min_length=2)]
+    truncation_threshold: Annotated[float, Field(ge=0)] = 1e-15
+    threshold_mode: Literal["absolute", "relative"] = "absolute"
+    rotate_final: bool = False
+    integration: Integration = Integration()
+
+    @model_validator(mode="after")
+    def _distinct(self) -> BasisSpec:
+        if len(set(self.node_layers)) != len(self.node_layers):
+            raise ValueError("node_layers must be distinct")
+        if "output" in self.node_layers[:-1]:
+            raise ValueError("'output' can only be the last node layer")
+        return self
+
+
+class EdgesSpec(Strict):
+    enabled: bool = True
+    integration: Integration = Integration()
+
+
+class RaySpec(Strict):
+    num_workers: Annotated[int | None, Field(ge=1, description="default: one per GPU, else one "
+                                                               "per CPU")] = None
+    cpus_per_worker: Annotated[float, Field(gt=0)] = 1
+    gpus_per_worker: Annotated[float, Field(ge=0)] = 0
+    shard_size: Annotated[int, Field(ge=1, description="samples per shard")] = 512
+    batch_size: Annotated[int, Field(ge=1, description="samples per forward pass")] = 256
+    jacobian_chunk: Annotated[int, Field(ge=1, description="output directions per batched "
+                                                            "backward pass")] = 256
+
+
+class JobSpec(Strict):
+    name: str
+    model: ModelSpec
+    data: Annotated[ModAddData | DigitsData, Field(discriminator="kind")]
+    basis: BasisSpec
+    edges: EdgesSpec = EdgesSpec()
+    ray: RaySpec = RaySpec()
+    out: str = Field(description="Zarr store to write")
+
+    def fingerprint(self) -> str:
+        """sha256 of the resolved job (stable field order)."""
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
+
+
+class JobFileError(ValueError):
+    """One line: file, field and reason."""
+
+
+def _loc(err: dict) -> str:
+    parts = [str(p) for p in err.get("loc", ()) if p not in ("modular-addition", "digits")]
+    return ".".join(parts) or "(top level)"
+
+
+def load_job(path: str | Path) -> JobSpec:
+    """Read and validate a job file; raises :class:`JobFileError` with one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobFileError(f"{path}: job file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "?"
+        raise JobFileError(f"{path}: {where}: not valid YAML ({getattr(exc, 'problem', exc)})"
+                           ) from None
+    if not isinstance(raw, dict):
+        raise JobFileError(f"{path}: (top level): expected a mapping of fields")
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        raise JobFileError(f"{path}: field {_loc(err)}: {msg}{more}") from None

@@ -1,0 +1,83 @@
+"""Mergeable float64 accumulators for per-shard partial sums.
+
+Workers return one accumulator per shard; the driver merges them in shard order
+(:func:`reduce_in_order`), so the result depends on neither the number of workers nor the order
+in which they finish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import numpy as np
+
+
+class Mergeable(Protocol):
+    def merge(self, other: Mergeable) -> Mergeable: ...
+
+
+T = TypeVar("T", bound=Mergeable)
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Count, mean and centred co-moment ``Σ (f - mean)(f - mean)ᵀ`` of a set of row vectors.
+
+    Merged with the pairwise update of Chan, Golub & LeVeque (1979), which keeps the centred Gram
+    matrix accurate in float64 even when the mean is large compared with the spread.
+    """
+
+    count: int
+    mean: np.ndarray  # (d,)
+    comoment: np.ndarray  # (d, d)
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> Moments:
+        """Moments of the rows of ``x`` (n, d), computed in float64."""
+        x = np.asarray(x, dtype=np.float64)
+        mean = x.mean(axis=0)
+        xc = x - mean
+        return cls(int(x.shape[0]), mean, xc.T @ xc)
+
+    def merge(self, other: Moments) -> Moments:
+        n = self.count + other.count
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        comoment = (self.comoment + other.comoment
+                    + np.outer(delta, delta) * (self.count * other.count / n))
+        return Moments(n, mean, comoment)
+
+    def covariance(self) -> np.ndarray:
+        """Centred Gram ``Σ (f - m)(f - m)ᵀ / count`` (normalised over data and positions)."""
+        return self.comoment / self.count
+
+
+@dataclass(frozen=True)
+class Sum:
+    """A float64 sum and the number of (sample, position) terms it normalises by."""
+
+    count: int
+    total: np.ndarray
+
+    def merge(self, other: Sum) -> Sum:
+        return Sum(self.count + other.count, self.total + other.total)
+
+    def mean(self) -> np.ndarray:
+        return self.total / self.count
+
+
+def reduce_in_order(partials: Mapping[int, T]) -> T:
+    """Merge per-shard partials in increasing shard id; raises if there are none."""
+    if not partials:
+        raise ValueError("no partial results to reduce")
+    keys = sorted(partials)
+    acc = partials[keys[0]]
+    for k in keys[1:]:
+        acc = acc.merge(partials[k])
+    return acc

@@ -1,0 +1,256 @@
+"""Models in sequential form (paper appendix A.4-A.5).
+
+A model is an input map followed by an ordered list of *steps*. Each step reads one flat
+activation tensor ``x`` of shape (batch, pos, d_in) and returns the next one. The input of a step
+is a candidate *node layer*, named after the step (``ln1.0``, ``attn_in.0``, ..., ``unembed``);
+the model's final output is the node layer ``output``. A *section* between two chosen node layers
+is the composition of the steps between them.
+
+Conventions (match the reference implementation, see docs/algorithm.md):
+
+* Every node layer except ``output`` ends in a constant coordinate equal to 1: biases are folded
+  in as weights on that coordinate (``x_aug @ [[W], [b]] == x @ W + b``), and each step passes it
+  through unchanged. Gradients with respect to it are gradients with respect to the biases.
+* The residual stream is carried inside each node layer: a transformer step's input is
+  ``(residual, ..., 1)`` and its output is the next ``(residual, ..., 1)``.
+* Transformer node layers (block ``b``): ``ln1.b`` block input; ``ln1_out.b`` the output of
+  layer norm's "in" half; ``attn_in.b`` the attention's input; ``ln2.b`` the residual after
+  attention; ``ln2_out.b``; ``mlp_in.b`` the MLP's input; ``mlp_out.b`` the residual together with
+  the MLP's hidden activations (input to its output projection); then ``unembed`` and ``output``.
+  For models without layer norm, ``ln1.b``, ``ln1_out.b`` and ``attn_in.b`` hold the same
+  ``(residual, 1)``, and likewise ``ln2.b``, ``ln2_out.b``, ``mlp_in.b``.
+* MLP node layers: ``layers.{i}`` is the input to affine layer ``i`` (with the constant), then
+  ``output``.
+* Shapes are always (batch, pos, features); an MLP has one position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ribray.math.models import ACTIVATIONS, MLP, Transformer, attend
+
+
+def fold_bias(W: Tensor, b: Tensor) -> Tensor:
+    """Affine (W: (in, out), b: (out,)) -> W_aug (in + 1, out) with x_aug @ W_aug = x @ W + b."""
+    return torch.cat([W, b.unsqueeze(0)], dim=0)
+
+
+def append_const(x: Tensor) -> Tensor:
+    """(…, d) -> (…, d + 1) with a constant-1 last coordinate."""
+    return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
+
+
+class Step(nn.Module):
+    """One step of a sequential model; ``in_name`` is the node layer it reads."""
+
+    in_name: str
+    d_in: int  # width of the input node layer, constant included
+    d_out: int
+
+    def __init__(self, in_name: str, d_in: int, d_out: int):
+        super().__init__()
+        self.in_name, self.d_in, self.d_out = in_name, d_in, d_out
+
+
+class Identity(Step):
+    """A layer-norm half of a model without layer norm: the node layer is passed on as is."""
+
+    def __init__(self, in_name: str, d: int):
+        super().__init__(in_name, d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+class Attention(Step):
+    """(residual, 1) -> (residual + attention(residual), 1), biases folded.
+
+    With ``last_pos_only`` the other positions are dropped right after the residual add (the
+    modular-addition convention: only the last position reaches the output).
+    """
+
+    def __init__(self, in_name: str, W_Q: Tensor, b_Q: Tensor, W_K: Tensor, b_K: Tensor,
+                 W_V: Tensor, b_V: Tensor, W_O: Tensor, b_O: Tensor, last_pos_only: bool):
+        d = W_Q.shape[1]
+        super().__init__(in_name, d + 1, d + 1)
+        # (heads, d_model + 1, d_head): the bias is the row read by the constant coordinate
+        self.W_Q = nn.Parameter(torch.cat([W_Q, b_Q.unsqueeze(1)], dim=1), requires_grad=False)
+        self.W_K = nn.Parameter(torch.cat([W_K, b_K.unsqueeze(1)], dim=1), requires_grad=False)
+        self.W_V = nn.Parameter(torch.cat([W_V, b_V.unsqueeze(1)], dim=1), requires_grad=False)
+        self.W_O = nn.Parameter(W_O.clone(), requires_grad=False)  # (heads, d_head, d_model)
+        self.b_O = nn.Parameter(b_O.clone(), requires_grad=False)
+        self.last_pos_only = last_pos_only
+
+    def forward(self, x: Tensor) -> Tensor:
+        resid, const = x[..., :-1], x[..., -1:]
+        q = torch.einsum("bpd,hdk->bphk", x, self.W_Q)
+        k = torch.einsum("bpd,hdk->bphk", x, self.W_K)
+        v = torch.einsum("bpd,hdk->bphk", x, self.W_V)
+        resid = resid + attend(q, k, v, self.W_O) + const * self.b_O
+        out = torch.cat([resid, const], dim=-1)
+        return out[:, -1:] if self.last_pos_only else out
+
+
+class MlpIn(Step):
+    """(residual, 1) -> (residual, act(residual @ W_in + b_in), 1)."""
+
+    def __init__(self, in_name: str, W_in: Tensor, b_in: Tensor, act_fn: str):
+        d, m = W_in.shape
+        super().__init__(in_name, d + 1, d + m + 1)
+        self.W = nn.Parameter(fold_bias(W_in, b_in), requires_grad=False)
+        self.act_fn = act_fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = ACTIVATIONS[self.act_fn](x @ self.W)
+        return torch.cat([x[..., :-1], h, x[..., -1:]], dim=-1)
+
+
+class MlpOut(Step):
+    """(residual, hidden, 1) -> (residual + hidden @ W_out + b_out, 1)."""
+
+    def __init__(self, in_name: str, W_out: Tensor, b_out: Tensor):
+        m, d = W_out.shape
+        super().__init__(in_name, d + m + 1, d + 1)
+        self.d_model = d
+        self.W = nn.Parameter(fold_bias(W_out, b_out), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        resid, hc = x[..., : self.d_model], x[..., self.d_model:]
+        return torch.cat([resid + hc @ self.W, x[..., -1:]], dim=-1)
+
+
+class Affine(Step):
+    """(x, 1) -> (act(x @ W + b), 1), or the logits x @ W + b for the last layer of a model."""
+
+    def __init__(self, in_name: str, W: Tensor, b: Tensor, act_fn: str | None):
+        n_in, n_out = W.shape
+        super().__init__(in_name, n_in + 1, n_out + (act_fn is not None))
+        self.W = nn.Parameter(fold_bias(W, b), requires_grad=False)
+        self.act_fn = act_fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x @ self.W
+        if self.act_fn is None:
+            return y
+        return torch.cat([ACTIVATIONS[self.act_fn](y), x[..., -1:]], dim=-1)
+
+
+class TokenEmbed(nn.Module):
+    """tokens (batch, pos) -> (W_E[tokens] + W_pos, 1): the model input, before any node layer."""
+
+    def __init__(self, W_E: Tensor, W_pos: Tensor):
+        super().__init__()
+        self.W_E = nn.Parameter(W_E.clone(), requires_grad=False)
+        self.W_pos = nn.Parameter(W_pos.clone(), requires_grad=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        return append_const(self.W_E[tokens] + self.W_pos[pos])
+
+
+class VectorInput(nn.Module):
+    """features (batch, d) -> (batch, 1, d + 1) in the model's dtype."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        return append_const(x.to(self.dtype)).unsqueeze(1)
+
+
+class SequentialModel(nn.Module):
+    """An input map and a list of steps; see the module docstring for names and conventions."""
+
+    def __init__(self, embed: nn.Module, steps: list[Step]):
+        super().__init__()
+        self.embed = embed
+        self.steps = nn.ModuleList(steps)
+        self.names: list[str] = [s.in_name for s in steps] + ["output"]
+
+    def width(self, name: str) -> int:
+        """Raw width of a node layer (its constant coordinate included, if it has one)."""
+        i = self.index(name)
+        return self.steps[i].d_in if i < len(self.steps) else self.steps[-1].d_out
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise KeyError(f"node layer {name!r} does not exist; this model has "
+                           f"{', '.join(self.names)}") from None
+
+    @staticmethod
+    def has_const(name: str) -> bool:
+        return name != "output"
+
+    def check_order(self, names: list[str]) -> None:
+        """Node layers must exist, be distinct and appear in model order (KeyError/ValueError)."""
+        idx = [self.index(n) for n in names]
+        if len(set(idx)) != len(idx) or idx != sorted(idx):
+            raise ValueError(f"node layers must be distinct and in model order "
+                             f"({', '.join(self.names)})")
+
+    def run(self, x: Tensor, start: str, stop: str) -> Tensor:
+        """Apply the steps from node layer ``start`` up to node layer ``stop``."""
+        for step in self.steps[self.index(start): self.index(stop)]:
+            x = step(x)
+        return x
+
+    def section(self, start: str, stop: str) -> Callable[[Tensor], Tensor]:
+        """The function from node layer ``start`` to node layer ``stop``."""
+        return lambda x: self.run(x, start, stop)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.run(self.embed(inputs), self.names[0], "output")
+
+    def activations(self, inputs: Tensor, names: list[str]) -> dict[str, Tensor]:
+        """Activations at the given node layers, running the model once up to the last of them."""
+        wanted, out = set(names), {}
+        x = self.embed(inputs)
+        last = max(self.index(n) for n in names)
+        for i in range(last + 1):
+            if self.names[i] in wanted:
+                out[self.names[i]] = x
+            if i < len(self.steps):
+                x = self.steps[i](x) if i < last else x
+        return out
+
+
+def transformer_to_sequential(model: Transformer, last_pos_only: bool) -> SequentialModel:
+    """Sequential form of a :class:`Transformer` (no layer norm), in the model's dtype."""
+    cfg = model.cfg
+    d = cfg.d_model
+    steps: list[Step] = []
+    with torch.no_grad():
+        for b, blk in enumerate(model.blocks):
+            last = b == len(model.blocks) - 1
+            steps += [Identity(f"ln1.{b}", d + 1), Identity(f"ln1_out.{b}", d + 1),
+                      Attention(f"attn_in.{b}", blk.W_Q, blk.b_Q, blk.W_K, blk.b_K, blk.W_V,
+                                blk.b_V, blk.W_O, blk.b_O, last_pos_only and last),
+                      Identity(f"ln2.{b}", d + 1), Identity(f"ln2_out.{b}", d + 1),
+                      MlpIn(f"mlp_in.{b}", blk.W_in, blk.b_in, cfg.act_fn),
+                      MlpOut(f"mlp_out.{b}", blk.W_out, blk.b_out)]
+        steps.append(Affine("unembed", model.W_U, model.b_U, act_fn=None))
+        embed = TokenEmbed(model.W_E, model.W_pos)
+    return SequentialModel(embed, steps)
+
+
+def mlp_to_sequential(model: MLP) -> SequentialModel:
+    """Sequential form of an :class:`MLP`: node layers ``layers.{i}`` and ``output``."""
+    n = len(model.layers)
+    with torch.no_grad():
+        steps: list[Step] = [
+            Affine(f"layers.{i}", layer.W, layer.b, model.act_fn if i < n - 1 else None)
+            for i, layer in enumerate(model.layers)]
+    return SequentialModel(VectorInput(model.layers[0].W.dtype), steps)
+
+
+def to_sequential(model: Transformer | MLP, last_pos_only: bool = True) -> SequentialModel:
+    if isinstance(model, Transformer):
+        return transformer_to_sequential(model, last_pos_only)
+    return mlp_to_sequential(model)

@@ -1,0 +1,200 @@
+"""Ray orchestration: worker actors that hold the model, shard dispatch, the driver of a job.
+
+* :class:`LibWorker` (a Ray actor) builds the job's sequential model and data once and returns
+  float64 partial sums for the shards it is given (it keeps no running totals, so a restarted
+  actor loses nothing).
+* :class:`RayBackend` hands shards to idle workers and collects partials keyed by shard id;
+  :mod:`ribray.pipeline` reduces them in shard order, so the result does not depend on the number
+  of workers or on which finishes first.
+* :func:`run_job` checks the job, connects to Ray (a local instance when no address is given,
+  dashboard on 127.0.0.1, Ray's token authentication left as configured), runs the recursion and
+  writes the store.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from ribray import pipeline
+from ribray.build import (
+    compute_settings,
+    fingerprint_file,
+    fingerprint_tensor,
+    load_data,
+    load_sequential,
+)
+from ribray.config import JobSpec
+from ribray.data import shard_ranges
+from ribray.shards import ShardComputer
+from ribray.store import StoreWriter, prepare_path
+
+Log = Callable[[str], None]
+
+
+class WorkerError(RuntimeError):
+    """A shard's computation failed on a worker; the message names the phase and shard."""
+
+
+class LibWorker:
+    """Holds one copy of the model and data; computes per-shard partial sums."""
+
+    def __init__(self, job: dict[str, Any]):
+        import torch
+
+        spec = JobSpec.model_validate(job)
+        n_cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+        torch.set_num_threads(n_cpus)
+        self.computer = ShardComputer(load_sequential(spec), load_data(spec).inputs,
+                                      compute_settings(spec))
+
+    def gram(self, shard_id: int, shard: tuple[int, int], layers: list[str]):
+        return shard_id, self.computer.gram(shard, layers)
+
+    def m(self, shard_id: int, shard: tuple[int, int], layer: str, target: str, C: np.ndarray):
+        return shard_id, self.computer.m(shard, layer, target, C)
+
+    def edges(self, shard_id: int, shard: tuple[int, int], layer: str, nxt: str,
+              C_in: np.ndarray, C_in_pinv: np.ndarray, C_out: np.ndarray):
+        return shard_id, self.computer.edges(shard, layer, nxt, C_in, C_in_pinv, C_out)
+
+    def ready(self) -> bool:
+        return True
+
+
+class RayBackend:
+    """The pipeline's Backend on a pool of :class:`LibWorker` actors."""
+
+    def __init__(self, workers: list, shards: list[tuple[int, int]], log: Log):
+        self.workers, self.shards, self.log = workers, shards, log
+
+    def _map(self, phase: str, method: str, *args: Any) -> dict[int, Any]:
+        refs = [ray.put(a) if isinstance(a, np.ndarray) else a for a in args]
+        todo = list(range(len(self.shards)))[::-1]
+        in_flight: dict[Any, tuple[int, int]] = {}
+        idle = list(range(len(self.workers)))
+        done: dict[int, Any] = {}
+        t0, last = time.perf_counter(), 0.0
+        while todo or in_flight:
+            while todo and idle:
+                w, s = idle.pop(), todo.pop()
+                ref = getattr(self.workers[w], method).remote(s, self.shards[s], *refs)
+                in_flight[ref] = (w, s)
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            for ref in ready:
+                w, s = in_flight.pop(ref)
+                idle.append(w)
+                try:
+                    shard_id, part = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:
+                    cause = exc.cause if exc.cause is not None else exc
+                    raise WorkerError(f"{phase}, shard {s} {self.shards[s]}: "
+                                      f"{type(cause).__name__}: {cause}") from None
+                done[shard_id] = part
+            now = time.perf_counter()
+            if now - last > 2.0 or not (todo or in_flight):
+                last = now
+                self.log(f"  {phase}: {len(done)}/{len(self.shards)} shards, "
+                         f"{now - t0:.1f}s")
+        return done
+
+    def gram(self, layers: list[str]):
+        return self._map("gram", "gram", layers)
+
+    def m(self, layer: str, target: str, C_target: np.ndarray):
+        return self._map(f"M {layer}", "m", layer, target, C_target)
+
+    def edges(self, layer: str, next_layer: str, C_in: np.ndarray, C_in_pinv: np.ndarray,
+              C_out: np.ndarray):
+        return self._map(f"edges {layer}->{next_layer}", "edges", layer, next_layer, C_in,
+                         C_in_pinv, C_out)
+
+
+def connect(address: str | None, dashboard: bool = True) -> None:
+    """Connect to Ray: the given cluster, or a new local instance (dashboard on 127.0.0.1)."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def default_workers(job: JobSpec) -> int:
+    if job.ray.num_workers:
+        return job.ray.num_workers
+    res = ray.cluster_resources()
+    if res.get("GPU", 0) >= 1:
+        return int(res["GPU"] // max(job.ray.gpus_per_worker, 1))
+    return max(1, int(res.get("CPU", 1) // job.ray.cpus_per_worker))
+
+
+def preflight(job: JobSpec, out: Path, overwrite: bool) -> dict[str, Any]:
+    """Everything that can be checked before Ray starts: checkpoint, node layers, data, output.
+
+    Raises CheckpointError / KeyError / ValueError / StoreError with one clear line.
+    """
+    model = load_sequential(job)
+    layers = job.basis.node_layers
+    model.check_order(layers)
+    data = load_data(job)
+    if len(data) == 0:
+        raise ValueError("the data set selection is empty")
+    prepare_path(out, overwrite)
+    return {"widths": {n: model.width(n) for n in layers}, "n_samples": len(data),
+            "fingerprints": {"model": fingerprint_file(job.model.path),
+                             "data": fingerprint_tensor(data.inputs)}}
+
+
+def run_job(job: JobSpec, out: Path, address: str | None = None, overwrite: bool = False,
+            dashboard: bool = True, log: Log = print) -> dict[str, float]:
+    """Run a LIB job end to end and write the store at ``out``; returns seconds per phase."""
+    t_start = time.perf_counter()
+    info = preflight(job, out, overwrite)
+    t_pre = time.perf_counter()
+    connect(address, dashboard)
+    t_ray = time.perf_counter()
+    n_workers = default_workers(job)
+    opts: dict[str, Any] = {"num_cpus": job.ray.cpus_per_worker,
+                            "max_restarts": -1, "max_task_retries": -1}
+    if job.ray.gpus_per_worker:
+        opts["num_gpus"] = job.ray.gpus_per_worker
+    actor = ray.remote(**opts)(LibWorker)
+    job_dict = job.model_dump()
+    workers = [actor.remote(job_dict) for _ in range(n_workers)]
+    ray.get([w.ready.remote() for w in workers])  # model loaded everywhere before timing phases
+    t_workers = time.perf_counter()
+    shards = shard_ranges(info["n_samples"], job.ray.shard_size)
+    log(f"{job.name}: {info['n_samples']} samples in {len(shards)} shards on {n_workers} "
+        f"workers; node layers {', '.join(job.basis.node_layers)}")
+    writer = StoreWriter(out, {
+        "config": job_dict, "config_hash": job.fingerprint(),
+        "node_layers": list(job.basis.node_layers), "basis": job.basis.kind,
+        "fingerprints": info["fingerprints"], "n_samples": info["n_samples"]})
+    settings = pipeline.BasisSettings(
+        kind=job.basis.kind, threshold=job.basis.truncation_threshold,
+        threshold_mode=job.basis.threshold_mode, rotate_final=job.basis.rotate_final,
+        compute_edges=job.edges.enabled)
+    try:
+        timings = pipeline.run(RayBackend(workers, shards, log), list(job.basis.node_layers),
+                               info["widths"], settings, writer, log)
+    except BaseException as exc:
+        writer.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        for w in workers:
+            ray.kill(w)
+    timings["preflight"] = t_pre - t_start
+    timings["ray_start"] = t_ray - t_pre
+    timings["workers_start"] = t_workers - t_ray
+    timings["total"] = time.perf_counter() - t_start
+    writer.finish(timings)
+    log(f"{job.name}: complete in {timings['total']:.1f}s -> {out}")
+    return timings

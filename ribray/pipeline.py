@@ -1,0 +1,136 @@
+"""The backward basis recursion (paper algorithm 1), independent of where the sums come from.
+
+A :class:`Backend` computes per-shard partial sums (serially, or on Ray workers: see
+:mod:`ribray.orchestrate`); this module reduces them in shard order, builds each node layer's
+basis from the last node layer backwards, computes the edges between adjacent layers, and hands
+every finished piece to a :class:`Sink` (the Zarr store) as soon as it exists.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from ribray.math import basis as bases
+from ribray.math.accumulators import Moments, Sum, reduce_in_order
+
+
+class Backend(Protocol):
+    """Per-shard partial sums, keyed by shard id."""
+
+    def gram(self, layers: list[str]) -> dict[int, dict[str, Moments]]: ...
+
+    def m(self, layer: str, target: str, C_target: np.ndarray) -> dict[int, Sum]: ...
+
+    def edges(self, layer: str, next_layer: str, C_in: np.ndarray, C_in_pinv: np.ndarray,
+              C_out: np.ndarray) -> dict[int, Sum]: ...
+
+
+class Sink(Protocol):
+    def gram(self, layer: str, mean: np.ndarray, gram: np.ndarray, count: int) -> None: ...
+
+    def basis(self, layer: str, b: bases.Basis) -> None: ...
+
+    def edges(self, layer: str, next_layer: str, E: np.ndarray) -> None: ...
+
+
+@dataclass(frozen=True)
+class BasisSettings:
+    kind: str  # lib | gib | pca | neuron
+    threshold: float
+    threshold_mode: str  # absolute | relative
+    rotate_final: bool
+    compute_edges: bool
+
+
+def _const_index(layer: str, width: int) -> int | None:
+    return None if layer == "output" else width - 1
+
+
+def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: BasisSettings,
+        sink: Sink, log: Callable[[str], None] = lambda s: None) -> dict[str, float]:
+    """Run the whole recursion; returns seconds per phase."""
+    timings: dict[str, float] = {"gram": 0.0, "basis_M": 0.0, "edges": 0.0}
+    t0 = time.perf_counter()
+    moments = {n: reduce_in_order({s: p[n] for s, p in backend.gram(layers).items()})
+               for n in layers}
+    stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for n in layers:
+        m = moments[n]
+        cov = m.covariance()
+        stats[n] = (m.mean, cov)
+        gram = bases.centred_gram(cov, _const_index(n, widths[n]))
+        sink.gram(n, m.mean, gram, m.count)
+    timings["gram"] = time.perf_counter() - t0
+    log(f"gram: {len(layers)} node layers, {timings['gram']:.1f}s")
+
+    final = layers[-1]
+    results: dict[str, bases.Basis] = {final: _final_basis(final, widths, stats, settings)}
+    sink.basis(final, results[final])
+    for i in range(len(layers) - 2, -1, -1):
+        layer, nxt = layers[i], layers[i + 1]
+        t1 = time.perf_counter()
+        results[layer] = _layer_basis(backend, layer, nxt, final, widths, stats, settings,
+                                      results)
+        timings["basis_M"] += time.perf_counter() - t1
+        sink.basis(layer, results[layer])
+        log(f"basis {layer}: {results[layer].n_features} features, "
+            f"{time.perf_counter() - t1:.1f}s")
+        if settings.compute_edges:
+            t2 = time.perf_counter()
+            b_in, b_out = results[layer], results[nxt]
+            s = reduce_in_order(backend.edges(layer, nxt, b_in.C, b_in.C_pinv, b_out.C))
+            sink.edges(layer, nxt, s.mean())
+            timings["edges"] += time.perf_counter() - t2
+            log(f"edges {layer} -> {nxt}: {time.perf_counter() - t2:.1f}s")
+    return timings
+
+
+def _final_basis(final: str, widths: dict[str, int], stats: dict, settings: BasisSettings
+                 ) -> bases.Basis:
+    mean, cov = stats[final]
+    const = _const_index(final, widths[final])
+    if not settings.rotate_final:
+        return bases.unrotated_basis(cov, const)
+    if const is None:
+        return bases.rotated_output_basis(cov)
+    return bases.pca_basis(bases.pca(cov, mean, const, settings.threshold,
+                                     settings.threshold_mode))
+
+
+def _layer_basis(backend: Backend, layer: str, nxt: str, final: str, widths: dict[str, int],
+                 stats: dict, settings: BasisSettings, done: dict[str, bases.Basis]
+                 ) -> bases.Basis:
+    mean, cov = stats[layer]
+    const = _const_index(layer, widths[layer])
+    if settings.kind == "neuron":
+        return bases.unrotated_basis(cov, const)
+    assert const is not None, "only the final node layer may be `output`"
+    p = bases.pca(cov, mean, const, settings.threshold, settings.threshold_mode)
+    if settings.kind == "pca":
+        return bases.pca_basis(p)
+    target = nxt if settings.kind == "lib" else final
+    M = reduce_in_order(backend.m(layer, target, done[target].C)).mean()
+    return bases.lib_basis(p, M, settings.threshold, settings.threshold_mode)
+
+
+class MemorySink:
+    """Keeps every result in memory (tests, notebooks): ``grams``, ``bases``, ``edges``."""
+
+    def __init__(self) -> None:
+        self.grams: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
+        self.bases: dict[str, bases.Basis] = {}
+        self.edge_sets: dict[tuple[str, str], np.ndarray] = {}
+
+    def gram(self, layer: str, mean: np.ndarray, gram: np.ndarray, count: int) -> None:
+        self.grams[layer] = (mean, gram, count)
+
+    def basis(self, layer: str, b: bases.Basis) -> None:
+        self.bases[layer] = b
+
+    def edges(self, layer: str, next_layer: str, E: np.ndarray) -> None:
+        self.edge_sets[(layer, next_layer)] = E

@@ -1,0 +1,67 @@
+"""What a worker holds and computes: a model in sequential form, its data, and per-shard sums.
+
+:class:`ShardComputer` is plain Python (no Ray): the Ray worker actor wraps one, and
+:class:`SerialBackend` runs one in this process (tests, notebooks, debugging).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ribray.math.accumulators import Moments, Sum
+from ribray.math.jacobian import Point
+from ribray.math.lib import edge_partial, gram_partial, m_partial
+from ribray.math.sequential import SequentialModel
+
+
+@dataclass(frozen=True)
+class ComputeSettings:
+    batch_size: int
+    chunk: int
+    basis_points: list[Point]
+    edge_points: list[Point]
+
+
+class ShardComputer:
+    """Holds a sequential model and its model inputs; computes partial sums for index ranges."""
+
+    def __init__(self, model: SequentialModel, inputs: torch.Tensor, settings: ComputeSettings):
+        self.model, self.inputs, self.settings = model, inputs, settings
+
+    def _x(self, shard: tuple[int, int]) -> torch.Tensor:
+        return self.inputs[shard[0]: shard[1]]
+
+    def gram(self, shard: tuple[int, int], layers: list[str]) -> dict[str, Moments]:
+        return gram_partial(self.model, self._x(shard), layers, self.settings.batch_size)
+
+    def m(self, shard: tuple[int, int], layer: str, target: str, C_target: np.ndarray) -> Sum:
+        s = self.settings
+        return m_partial(self.model, self._x(shard), layer, target, C_target, s.basis_points,
+                         s.batch_size, s.chunk)
+
+    def edges(self, shard: tuple[int, int], layer: str, next_layer: str, C_in: np.ndarray,
+              C_in_pinv: np.ndarray, C_out: np.ndarray) -> Sum:
+        s = self.settings
+        return edge_partial(self.model, self._x(shard), layer, next_layer, C_in, C_in_pinv,
+                            C_out, s.edge_points, s.batch_size, s.chunk)
+
+
+class SerialBackend:
+    """The pipeline's Backend, computed shard by shard in this process."""
+
+    def __init__(self, computer: ShardComputer, shards: list[tuple[int, int]]):
+        self.c, self.shards = computer, shards
+
+    def gram(self, layers: list[str]) -> dict[int, dict[str, Moments]]:
+        return {i: self.c.gram(s, layers) for i, s in enumerate(self.shards)}
+
+    def m(self, layer: str, target: str, C_target: np.ndarray) -> dict[int, Sum]:
+        return {i: self.c.m(s, layer, target, C_target) for i, s in enumerate(self.shards)}
+
+    def edges(self, layer: str, next_layer: str, C_in: np.ndarray, C_in_pinv: np.ndarray,
+              C_out: np.ndarray) -> dict[int, Sum]:
+        return {i: self.c.edges(s, layer, next_layer, C_in, C_in_pinv, C_out)
+                for i, s in enumerate(self.shards)}

@@ -1,0 +1,150 @@
+"""The Zarr store (zarr-python 3): the one interface notebooks and the analysis job depend on.
+
+Layout (docs/zarr-layout.md is the reference)::
+
+    /                       attrs: ribray_version, format_version, config, config_hash,
+                                   node_layers, basis, fingerprints, timings, status
+    layers/{node_layer}/    mean (raw), gram (raw, raw_T), C (raw, feature),
+                            C_pinv (feature, raw), lambdas (feature)
+                            [lib/gib] M (pca, pca_T), pca_eigenvalues (pca)
+                            attrs: width, const_raw_index, const_feature, n_features,
+                                   n_rows, complete
+    edges/{in}--{out}/      E (out_feature, in_feature); attrs: complete
+
+``status`` is ``running`` while a job writes, ``failed`` after an error, and ``complete`` only
+once every layer and edge group is written. Every array carries ``dimension_names`` so
+``xarray.open_zarr(store, group=...)`` opens each group.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from ribray import __version__
+from ribray.math.basis import Basis
+
+FORMAT_VERSION = 1
+
+
+class StoreError(ValueError):
+    """A store that cannot be written or read; the message says why."""
+
+
+def edge_group(a: str, b: str) -> str:
+    return f"edges/{a}--{b}"
+
+
+def _is_store(path: Path) -> bool:
+    return (path / "zarr.json").is_file()
+
+
+def prepare_path(path: Path, overwrite: bool) -> None:
+    """Check that ``path`` can hold a new store; remove an old ribray store if ``overwrite``."""
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path}: output path is a file, not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        if not _is_store(path):
+            raise StoreError(f"{path}: output directory exists and is not a Zarr store; "
+                             f"refusing to write into it")
+        if not overwrite:
+            raise StoreError(f"{path}: a store exists already; pass --overwrite to replace it")
+        shutil.rmtree(path)
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise StoreError(f"{path}: parent {parent} is a file")
+
+
+class StoreWriter:
+    """Writes one job's results; each piece as soon as it is computed."""
+
+    def __init__(self, path: Path, attrs: dict[str, Any]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.root = zarr.open_group(str(self.path), mode="w")
+        self.root.attrs.update({"ribray_version": __version__, "format_version": FORMAT_VERSION,
+                                "status": "running", "timings": {}, **attrs})
+        self.root.require_group("layers")
+        self.root.require_group("edges")
+
+    def _array(self, group: zarr.Group, name: str, data: np.ndarray, dims: list[str]) -> None:
+        data = np.ascontiguousarray(data, dtype=np.float64)
+        arr = group.create_array(name, shape=data.shape, dtype="float64",
+                                 chunks=tuple(min(s, 1024) for s in data.shape) or None,
+                                 dimension_names=dims, overwrite=True)
+        arr[...] = data
+
+    def gram(self, layer: str, mean: np.ndarray, gram: np.ndarray, count: int) -> None:
+        g = self.root.require_group(f"layers/{layer}")
+        self._array(g, "mean", mean, ["raw"])
+        self._array(g, "gram", gram, ["raw", "raw_T"])
+        g.attrs.update({"width": int(mean.shape[0]), "n_rows": int(count),
+                        "const_raw_index": None if layer == "output" else int(mean.shape[0]) - 1,
+                        "complete": False})
+
+    def basis(self, layer: str, b: Basis) -> None:
+        g = self.root.require_group(f"layers/{layer}")
+        self._array(g, "C", b.C, ["raw", "feature"])
+        self._array(g, "C_pinv", b.C_pinv, ["feature", "raw"])
+        self._array(g, "lambdas", b.lambdas, ["feature"])
+        if "M" in b.extra:
+            self._array(g, "M", b.extra["M"], ["pca", "pca_T"])
+            self._array(g, "pca_eigenvalues", b.extra["pca_eigenvalues"], ["pca"])
+        g.attrs.update({"n_features": b.n_features, "const_feature": b.const_feature,
+                        "complete": True})
+
+    def edges(self, layer: str, next_layer: str, E: np.ndarray) -> None:
+        g = self.root.require_group(edge_group(layer, next_layer))
+        self._array(g, "E", E, ["out_feature", "in_feature"])
+        g.attrs.update({"in_layer": layer, "out_layer": next_layer, "complete": True})
+
+    def set_attrs(self, **attrs: Any) -> None:
+        self.root.attrs.update(attrs)
+
+    def finish(self, timings: dict[str, float]) -> None:
+        self.root.attrs.update({"timings": timings, "status": "complete"})
+
+    def fail(self, reason: str) -> None:
+        self.root.attrs.update({"status": "failed", "error": reason})
+
+
+def open_store(path: str | Path) -> zarr.Group:
+    path = Path(path)
+    if not _is_store(path):
+        raise StoreError(f"{path}: not a Zarr store (no zarr.json)")
+    root = zarr.open_group(str(path), mode="r")
+    if "ribray_version" not in root.attrs:
+        raise StoreError(f"{path}: a Zarr store, but not one written by ribray")
+    return root
+
+
+def summary(root: zarr.Group) -> dict[str, Any]:
+    """Machine-readable summary: per node layer, dims kept and top Λ; per edge group, ΣE."""
+    attrs = dict(root.attrs)
+    layers = []
+    for name in attrs.get("node_layers", []):
+        key = f"layers/{name}"
+        if key not in root:
+            layers.append({"layer": name, "complete": False})
+            continue
+        g = root[key]
+        lam = np.asarray(g["lambdas"][...]) if "lambdas" in g else np.array([])
+        layers.append({"layer": name, "width": g.attrs.get("width"),
+                       "features": g.attrs.get("n_features"),
+                       "top_lambdas": [float(v) for v in lam[:4]],
+                       "complete": bool(g.attrs.get("complete", False))})
+    edges = []
+    names = attrs.get("node_layers", [])
+    for a, b in zip(names[:-1], names[1:]):
+        key = edge_group(a, b)
+        if key in root:
+            E = np.asarray(root[key]["E"][...])
+            edges.append({"edge": f"{a}--{b}", "shape": list(E.shape), "sum": float(E.sum()),
+                          "max": float(E.max()) if E.size else 0.0})
+    return {"status": attrs.get("status"), "basis": attrs.get("basis"),
+            "name": attrs.get("config", {}).get("name"), "timings": attrs.get("timings", {}),
+            "layers": layers, "edges": edges}

@@ -1,0 +1,167 @@
+"""End to end on a real local Ray instance: stores, worker-count independence, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from conftest import write_job
+from ribray.cli import app
+from ribray.config import load_job
+from ribray.orchestrate import run_job
+from ribray.store import open_store
+
+runner = CliRunner()
+
+
+def arrays(path: Path) -> dict[str, np.ndarray]:
+    root = zarr.open_group(str(path), mode="r")
+    out = {}
+    for group in ("layers", "edges"):
+        for name, g in root[group].groups():
+            for an, arr in g.arrays():
+                out[f"{group}/{name}/{an}"] = np.asarray(arr[...])
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_stores(ray_local, small_transformer_ckpt, tmp_path_factory):
+    """The same job with 1 and with 3 workers."""
+    stores = {}
+    for n in (1, 3):
+        d = tmp_path_factory.mktemp(f"w{n}")
+        job = load_job(write_job(d / "job.yaml", **{"model.path": str(small_transformer_ckpt),
+                                                    "ray.num_workers": n}))
+        run_job(job, d / "store.zarr", log=lambda s: None)
+        stores[n] = d / "store.zarr"
+    return stores
+
+
+def test_worker_count_does_not_change_results(two_stores):
+    a, b = arrays(two_stores[1]), arrays(two_stores[3])
+    assert a.keys() == b.keys() and len(a) > 10
+    for k in a:
+        scale = max(np.abs(a[k]).max(), 1e-300)
+        assert np.abs(a[k] - b[k]).max() <= 1e-12 * scale, k
+
+
+def test_store_layout(two_stores):
+    root = open_store(two_stores[1])
+    attrs = dict(root.attrs)
+    assert attrs["status"] == "complete"
+    assert attrs["node_layers"] == ["ln1.0", "ln2.0", "unembed", "output"]
+    assert attrs["basis"] == "lib" and attrs["config"]["name"] == "test"
+    assert set(attrs["fingerprints"]) == {"model", "data"}
+    assert {"gram", "basis_M", "edges", "total"} <= set(attrs["timings"])
+    for layer in attrs["node_layers"]:
+        g = root[f"layers/{layer}"]
+        assert g.attrs["complete"] is True
+        C, Cp, lam = g["C"], g["C_pinv"], g["lambdas"]
+        assert C.shape == (g.attrs["width"], g.attrs["n_features"]) == Cp.shape[::-1]
+        assert lam.shape == (g.attrs["n_features"],)
+        assert C.metadata.dimension_names == ("raw", "feature")
+    for a, b in zip(attrs["node_layers"][:-1], attrs["node_layers"][1:]):
+        E = root[f"edges/{a}--{b}/E"]
+        assert E.shape == (root[f"layers/{b}"].attrs["n_features"],
+                           root[f"layers/{a}"].attrs["n_features"])
+
+
+def test_xarray_opens_every_group(two_stores):
+    xr = pytest.importorskip("xarray")
+    root = open_store(two_stores[1])
+    groups = [f"layers/{n}" for n in root.attrs["node_layers"]]
+    groups += [f"edges/{n}" for n, _ in root["edges"].groups()]
+    for g in groups:
+        ds = xr.open_zarr(str(two_stores[1]), group=g, consolidated=False)
+        assert len(ds.data_vars) >= 1
+    ds = xr.open_zarr(str(two_stores[1]), group="layers/ln2.0", consolidated=False)
+    lam = ds["lambdas"].values
+    C = ds["C"].values
+    assert ds["C"].dims == ("raw", "feature") and C.shape[1] == lam.shape[0]
+
+
+def test_show(two_stores):
+    res = runner.invoke(app, ["show", str(two_stores[1]), "--json"])
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.output)
+    assert s["status"] == "complete" and len(s["layers"]) == 4 and len(s["edges"]) == 3
+    E = np.asarray(zarr.open_group(str(two_stores[1]))["edges/ln2.0--unembed/E"][...])
+    assert s["edges"][1]["sum"] == pytest.approx(float(E.sum()), rel=1e-12)
+    res = runner.invoke(app, ["show", str(two_stores[1])])
+    assert res.exit_code == 0 and "ln2.0" in res.output
+
+
+def one_line_error(res, *needles: str) -> None:
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert res.exit_code == 2, res.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    assert "Traceback" not in res.output
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_bad_job_files(tmp_path, small_transformer_ckpt):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("name: [unclosed\n")
+    one_line_error(runner.invoke(app, ["validate", str(bad_yaml)]), str(bad_yaml), "YAML")
+    extra = write_job(tmp_path / "extra.yaml", **{"model.path": str(small_transformer_ckpt),
+                                                  "model.colour": "red"})
+    one_line_error(runner.invoke(app, ["validate", str(extra)]), "model.colour",
+                   "Extra inputs are not permitted")
+    thr = write_job(tmp_path / "thr.yaml", **{"model.path": str(small_transformer_ckpt),
+                                              "basis.truncation_threshold": -1})
+    one_line_error(runner.invoke(app, ["submit", str(thr)]), "basis.truncation_threshold")
+    one_line_error(runner.invoke(app, ["validate", str(tmp_path / "none.yaml")]), "not found")
+
+
+def test_bad_inputs_leave_no_complete_store(tmp_path, small_transformer_ckpt):
+    missing = write_job(tmp_path / "missing.yaml", **{"model.path": str(tmp_path / "no.pt")})
+    one_line_error(runner.invoke(app, ["submit", str(missing)]), "model.path", "not found")
+    wrong = tmp_path / "wrong.pt"
+    obj = torch.load(small_transformer_ckpt, weights_only=True)
+    obj["state_dict"]["blocks.0.mlp.W_in"] = torch.zeros(3, 3)
+    torch.save(obj, wrong)
+    shaped = write_job(tmp_path / "shaped.yaml", **{"model.path": str(wrong)})
+    one_line_error(runner.invoke(app, ["submit", str(shaped)]), "model.path", "W_in")
+    layer = write_job(tmp_path / "layer.yaml", **{"model.path": str(small_transformer_ckpt),
+                                                  "basis.node_layers": ["ln1.0", "mlp_hidden.0",
+                                                                        "output"]})
+    one_line_error(runner.invoke(app, ["submit", str(layer)]), "basis.node_layers",
+                   "mlp_hidden.0")
+    order = write_job(tmp_path / "order.yaml", **{"model.path": str(small_transformer_ckpt),
+                                                  "basis.node_layers": ["ln2.0", "ln1.0"]})
+    one_line_error(runner.invoke(app, ["validate", str(order)]), "basis.node_layers", "order")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    isfile = write_job(tmp_path / "isfile.yaml", **{"model.path": str(small_transformer_ckpt),
+                                                    "out": str(afile)})
+    one_line_error(runner.invoke(app, ["submit", str(isfile)]), "out", "is a file")
+    assert afile.read_text() == "x"
+    assert not (tmp_path / "store.zarr").exists()
+
+
+def test_existing_store_needs_overwrite(two_stores, small_transformer_ckpt, tmp_path):
+    job = write_job(tmp_path / "job.yaml", **{"model.path": str(small_transformer_ckpt),
+                                              "out": str(two_stores[1])})
+    one_line_error(runner.invoke(app, ["submit", str(job)]), "--overwrite")
+    assert open_store(two_stores[1]).attrs["status"] == "complete"
+
+
+def test_nan_stops_the_job_and_marks_the_store_failed(ray_local, small_transformer_ckpt,
+                                                      tmp_path):
+    obj = torch.load(small_transformer_ckpt, weights_only=True)
+    obj["state_dict"]["unembed.W_U"][0, 0] = float("nan")
+    bad = tmp_path / "nan.pt"
+    torch.save(obj, bad)
+    job = write_job(tmp_path / "job.yaml", **{"model.path": str(bad)})
+    res = runner.invoke(app, ["submit", str(job), "--no-dashboard"])
+    assert res.exit_code == 1, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert "non-finite" in last and "output" in last and "shard 0" in last, last
+    assert open_store(tmp_path / "store.zarr").attrs["status"] == "failed"
