@@ -40,7 +40,7 @@ def load_data(job: JobSpec) -> Dataset:
 
 def compute_settings(job: JobSpec) -> ComputeSettings:
     bi, ei = job.basis.integration, job.edges.integration
-    return ComputeSettings(batch_size=job.ray.batch_size, chunk=job.ray.jacobian_chunk,
+    return ComputeSettings(batch_size=job.ray.batch_size,
                            basis_points=integration_points(bi.rule, bi.n),
                            edge_points=integration_points(ei.rule, ei.n))
 

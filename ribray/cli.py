@@ -8,6 +8,7 @@ marked ``failed``.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +19,8 @@ from rich.table import Table
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="LIB (Local Interaction Basis) jobs on Ray.")
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False)
+# tables stay on one line per row when piped (rich assumes 80 columns without a terminal)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 110)
 
 USER_ERROR = 2
 
@@ -39,22 +41,16 @@ def _load(job_file: Path):
 
 @app.command()
 def validate(job_file: Annotated[Path, typer.Argument(help="job YAML")]) -> None:
-    """Check a job file (fields, checkpoint, node layers) without running it."""
-    from ribray.build import load_data, load_sequential
-    from ribray.checkpoints import CheckpointError
+    """Check a job file (fields, checkpoint, node layers, data) without running it."""
+    from ribray.orchestrate import PreflightError, check_job
 
     job = _load(job_file)
     try:
-        model = load_sequential(job)
-        model.check_order(job.basis.node_layers)
-        n = len(load_data(job))
-    except CheckpointError as exc:
-        raise _fail(f"{job_file}: field model.path: {exc}") from None
-    except (KeyError, ValueError) as exc:
-        msg = exc.args[0] if exc.args else str(exc)
-        raise _fail(f"{job_file}: field basis.node_layers: {msg}") from None
+        info = check_job(job)
+    except PreflightError as exc:
+        raise _fail(f"{job_file}: {exc}") from None
     out.print(f"{job_file}: ok ({job.basis.kind}, {len(job.basis.node_layers)} node layers, "
-              f"{n} samples)")
+              f"{info['n_samples']} samples)")
 
 
 @app.command()
@@ -70,26 +66,30 @@ def submit(
                                                  "local instance")] = True,
 ) -> None:
     """Run a LIB job on Ray and write its Zarr store."""
-    from ribray.checkpoints import CheckpointError
-    from ribray.orchestrate import WorkerError, run_job
-    from ribray.store import StoreError
+    from ribray.orchestrate import PreflightError, run_job
 
     job = _load(job_file)
     store = out_path or Path(job.out)
     try:
         run_job(job, store, address=address, overwrite=overwrite, dashboard=dashboard,
                 log=lambda s: err.print(s, markup=False))
-    except CheckpointError as exc:
-        raise _fail(f"{job_file}: field model.path: {exc}") from None
-    except StoreError as exc:
-        raise _fail(f"{job_file}: field out: {exc}") from None
-    except KeyError as exc:
-        raise _fail(f"{job_file}: field basis.node_layers: {exc.args[0]}") from None
-    except (WorkerError, FloatingPointError) as exc:
-        raise _fail(f"{job_file}: run failed: {exc}; store {store} marked failed", 1) from None
-    except ValueError as exc:
+    except PreflightError as exc:
         raise _fail(f"{job_file}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a failed run: one line, the store says failed
+        raise _fail(f"{job_file}: run failed: {type(exc).__name__}: {exc}"
+                    f"{_store_state(store)}", 1) from None
     out.print(f"wrote {store}")
+
+
+def _store_state(store: Path) -> str:
+    """' (store S marked failed)' when the run got as far as creating its store."""
+    from ribray.store import StoreError, open_store
+
+    try:
+        status = open_store(store).attrs.get("status")
+    except StoreError:
+        return ""
+    return f" (store {store} marked {status})" if status == "failed" else ""
 
 
 @app.command()
@@ -108,10 +108,12 @@ def show(
         typer.echo(json.dumps(s, indent=2))
         return
     out.print(f"[bold]{store}[/bold]: job {s['name']}, basis {s['basis']}, status {s['status']}")
-    t = Table("node layer", "width", "features", "top Λ", "complete")
+    t = Table("node layer", "width", "features", "Λ const", "top Λ (others)", "done")
     for row in s["layers"]:
-        lam = ", ".join(f"{v:.4g}" for v in row.get("top_lambdas", []))
-        t.add_row(row["layer"], str(row.get("width", "")), str(row.get("features", "")), lam,
+        lam = ", ".join(f"{v:.3g}" for v in row.get("top_lambdas", [])[:3])
+        const = row.get("const_lambda")
+        t.add_row(row["layer"], str(row.get("width") or ""), str(row.get("features") or ""),
+                  "" if const is None else f"{const:.3g}", lam,
                   "yes" if row["complete"] else "no")
     out.print(t)
     if s["edges"]:

@@ -82,14 +82,15 @@ class EdgesSpec(Strict):
 
 
 class RaySpec(Strict):
-    num_workers: Annotated[int | None, Field(ge=1, description="default: one per GPU, else one "
-                                                               "per CPU")] = None
+    num_workers: Annotated[int | None, Field(ge=1, description="default: cluster GPUs / "
+                                                               "gpus_per_worker, else cluster "
+                                                               "CPUs / cpus_per_worker")] = None
     cpus_per_worker: Annotated[float, Field(gt=0)] = 1
-    gpus_per_worker: Annotated[float, Field(ge=0)] = 0
+    gpus_per_worker: Annotated[float | None, Field(ge=0, description="default: 1 when the "
+                                                                      "cluster has GPUs, else 0"
+                                                   )] = None
     shard_size: Annotated[int, Field(ge=1, description="samples per shard")] = 512
     batch_size: Annotated[int, Field(ge=1, description="samples per forward pass")] = 256
-    jacobian_chunk: Annotated[int, Field(ge=1, description="output directions per batched "
-                                                            "backward pass")] = 256
 
 
 class JobSpec(Strict):

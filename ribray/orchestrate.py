@@ -30,16 +30,25 @@ from ribray.build import (
     load_data,
     load_sequential,
 )
+from ribray.checkpoints import CheckpointError
 from ribray.config import JobSpec
 from ribray.data import shard_ranges
 from ribray.shards import ShardComputer
-from ribray.store import StoreWriter, prepare_path
+from ribray.store import StoreError, StoreWriter, check_path
 
 Log = Callable[[str], None]
 
 
 class WorkerError(RuntimeError):
     """A shard's computation failed on a worker; the message names the phase and shard."""
+
+
+class PreflightError(ValueError):
+    """Bad input found before anything runs: ``field`` of the job file and the reason."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"field {field}: {reason}")
+        self.field, self.reason = field, reason
 
 
 class LibWorker:
@@ -51,8 +60,11 @@ class LibWorker:
         spec = JobSpec.model_validate(job)
         n_cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
         torch.set_num_threads(n_cpus)
-        self.computer = ShardComputer(load_sequential(spec), load_data(spec).inputs,
-                                      compute_settings(spec))
+        # Ray sets CUDA_VISIBLE_DEVICES to the GPUs assigned to this actor
+        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.computer = ShardComputer(load_sequential(spec).to(device),
+                                      load_data(spec).inputs.to(device), compute_settings(spec))
 
     def gram(self, shard_id: int, shard: tuple[int, int], layers: list[str]):
         return shard_id, self.computer.gram(shard, layers)
@@ -64,8 +76,8 @@ class LibWorker:
               C_in: np.ndarray, C_in_pinv: np.ndarray, C_out: np.ndarray):
         return shard_id, self.computer.edges(shard, layer, nxt, C_in, C_in_pinv, C_out)
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> str:
+        return self.device
 
 
 class RayBackend:
@@ -127,27 +139,52 @@ def connect(address: str | None, dashboard: bool = True) -> None:
         ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
-def default_workers(job: JobSpec) -> int:
-    if job.ray.num_workers:
-        return job.ray.num_workers
+def placement(job: JobSpec) -> tuple[int, float]:
+    """(number of workers, GPUs per worker): one worker per GPU when the cluster has GPUs and
+    the job does not say otherwise, else one per ``cpus_per_worker`` CPUs."""
     res = ray.cluster_resources()
-    if res.get("GPU", 0) >= 1:
-        return int(res["GPU"] // max(job.ray.gpus_per_worker, 1))
-    return max(1, int(res.get("CPU", 1) // job.ray.cpus_per_worker))
+    gpus = job.ray.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if res.get("GPU", 0) >= 1 else 0.0
+    if gpus > res.get("GPU", 0):
+        raise PreflightError("ray.gpus_per_worker", f"{gpus:g} GPUs per worker asked for, the "
+                                                    f"cluster has {res.get('GPU', 0):g}")
+    if job.ray.num_workers:
+        return job.ray.num_workers, gpus
+    if gpus > 0:
+        return max(1, int(res.get("GPU", 0) // gpus)), gpus
+    return max(1, int(res.get("CPU", 1) // job.ray.cpus_per_worker)), gpus
+
+
+def check_job(job: JobSpec) -> dict[str, Any]:
+    """Checkpoint, node layers and data of a job; raises :class:`PreflightError`."""
+    try:
+        model = load_sequential(job)
+    except CheckpointError as exc:
+        raise PreflightError("model.path", str(exc)) from None
+    layers = job.basis.node_layers
+    try:
+        model.check_order(layers)
+    except (KeyError, ValueError) as exc:
+        raise PreflightError("basis.node_layers", exc.args[0]) from None
+    data = load_data(job)
+    if len(data) == 0:
+        raise PreflightError("data", "the data set selection is empty")
+    problem = model.input_problem(data.inputs)
+    if problem:
+        raise PreflightError("data", problem)
+    return {"model": model, "n_samples": len(data), "data": data}
 
 
 def preflight(job: JobSpec, out: Path, overwrite: bool) -> dict[str, Any]:
     """Everything that can be checked before Ray starts: checkpoint, node layers, data, output.
-
-    Raises CheckpointError / KeyError / ValueError / StoreError with one clear line.
-    """
-    model = load_sequential(job)
-    layers = job.basis.node_layers
-    model.check_order(layers)
-    data = load_data(job)
-    if len(data) == 0:
-        raise ValueError("the data set selection is empty")
-    prepare_path(out, overwrite)
+    Changes nothing on disk; raises :class:`PreflightError`."""
+    checked = check_job(job)
+    model, layers, data = checked["model"], job.basis.node_layers, checked["data"]
+    try:
+        check_path(out, overwrite)
+    except StoreError as exc:
+        raise PreflightError("out", str(exc)) from None
     return {"widths": {n: model.width(n) for n in layers}, "n_samples": len(data),
             "fingerprints": {"model": fingerprint_file(job.model.path),
                              "data": fingerprint_tensor(data.inputs)}}
@@ -161,23 +198,26 @@ def run_job(job: JobSpec, out: Path, address: str | None = None, overwrite: bool
     t_pre = time.perf_counter()
     connect(address, dashboard)
     t_ray = time.perf_counter()
-    n_workers = default_workers(job)
+    n_workers, gpus = placement(job)
     opts: dict[str, Any] = {"num_cpus": job.ray.cpus_per_worker,
                             "max_restarts": -1, "max_task_retries": -1}
-    if job.ray.gpus_per_worker:
-        opts["num_gpus"] = job.ray.gpus_per_worker
+    if gpus:
+        opts["num_gpus"] = gpus
     actor = ray.remote(**opts)(LibWorker)
+    job = job.model_copy(update={"out": str(out)})  # the store records where it was written
     job_dict = job.model_dump()
     workers = [actor.remote(job_dict) for _ in range(n_workers)]
-    ray.get([w.ready.remote() for w in workers])  # model loaded everywhere before timing phases
+    devices = ray.get([w.ready.remote() for w in workers])  # models loaded before timing
     t_workers = time.perf_counter()
     shards = shard_ranges(info["n_samples"], job.ray.shard_size)
     log(f"{job.name}: {info['n_samples']} samples in {len(shards)} shards on {n_workers} "
-        f"workers; node layers {', '.join(job.basis.node_layers)}")
+        f"workers ({', '.join(sorted(set(devices)))}); node layers "
+        f"{', '.join(job.basis.node_layers)}")
     writer = StoreWriter(out, {
         "config": job_dict, "config_hash": job.fingerprint(),
         "node_layers": list(job.basis.node_layers), "basis": job.basis.kind,
-        "fingerprints": info["fingerprints"], "n_samples": info["n_samples"]})
+        "fingerprints": info["fingerprints"], "n_samples": info["n_samples"]},
+        overwrite=overwrite)
     settings = pipeline.BasisSettings(
         kind=job.basis.kind, threshold=job.basis.truncation_threshold,
         threshold_mode=job.basis.threshold_mode, rotate_final=job.basis.rotate_final,

@@ -56,8 +56,8 @@ def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: B
     """Run the whole recursion; returns seconds per phase."""
     timings: dict[str, float] = {"gram": 0.0, "basis_M": 0.0, "edges": 0.0}
     t0 = time.perf_counter()
-    moments = {n: reduce_in_order({s: p[n] for s, p in backend.gram(layers).items()})
-               for n in layers}
+    partials = backend.gram(layers)  # one pass over the data for every node layer
+    moments = {n: reduce_in_order({s: p[n] for s, p in partials.items()}) for n in layers}
     stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for n in layers:
         m = moments[n]

@@ -20,7 +20,6 @@ from ribray.math.sequential import SequentialModel
 @dataclass(frozen=True)
 class ComputeSettings:
     batch_size: int
-    chunk: int
     basis_points: list[Point]
     edge_points: list[Point]
 
@@ -40,13 +39,13 @@ class ShardComputer:
     def m(self, shard: tuple[int, int], layer: str, target: str, C_target: np.ndarray) -> Sum:
         s = self.settings
         return m_partial(self.model, self._x(shard), layer, target, C_target, s.basis_points,
-                         s.batch_size, s.chunk)
+                         s.batch_size)
 
     def edges(self, shard: tuple[int, int], layer: str, next_layer: str, C_in: np.ndarray,
               C_in_pinv: np.ndarray, C_out: np.ndarray) -> Sum:
         s = self.settings
         return edge_partial(self.model, self._x(shard), layer, next_layer, C_in, C_in_pinv,
-                            C_out, s.edge_points, s.batch_size, s.chunk)
+                            C_out, s.edge_points, s.batch_size)
 
 
 class SerialBackend:

@@ -3,13 +3,14 @@
 Layout (docs/zarr-layout.md is the reference)::
 
     /                       attrs: ribray_version, format_version, config, config_hash,
-                                   node_layers, basis, fingerprints, timings, status
+                                   node_layers, basis, fingerprints, n_samples, timings,
+                                   status [, error when failed]
     layers/{node_layer}/    mean (raw), gram (raw, raw_T), C (raw, feature),
                             C_pinv (feature, raw), lambdas (feature)
                             [lib/gib] M (pca, pca_T), pca_eigenvalues (pca)
                             attrs: width, const_raw_index, const_feature, n_features,
                                    n_rows, complete
-    edges/{in}--{out}/      E (out_feature, in_feature); attrs: complete
+    edges/{in}--{out}/      E (out_feature, in_feature); attrs: in_layer, out_layer, complete
 
 ``status`` is ``running`` while a job writes, ``failed`` after an error, and ``complete`` only
 once every layer and edge group is written. Every array carries ``dimension_names`` so
@@ -43,8 +44,8 @@ def _is_store(path: Path) -> bool:
     return (path / "zarr.json").is_file()
 
 
-def prepare_path(path: Path, overwrite: bool) -> None:
-    """Check that ``path`` can hold a new store; remove an old ribray store if ``overwrite``."""
+def check_path(path: Path, overwrite: bool) -> None:
+    """Check, without changing anything, that ``path`` can hold a new store."""
     if path.exists() and not path.is_dir():
         raise StoreError(f"{path}: output path is a file, not a directory")
     if path.is_dir() and any(path.iterdir()):
@@ -53,17 +54,21 @@ def prepare_path(path: Path, overwrite: bool) -> None:
                              f"refusing to write into it")
         if not overwrite:
             raise StoreError(f"{path}: a store exists already; pass --overwrite to replace it")
-        shutil.rmtree(path)
-    parent = path.parent
-    if parent.exists() and not parent.is_dir():
-        raise StoreError(f"{path}: parent {parent} is a file")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise StoreError(f"{path}: {parent} is a file, not a directory")
+            break
 
 
 class StoreWriter:
     """Writes one job's results; each piece as soon as it is computed."""
 
-    def __init__(self, path: Path, attrs: dict[str, Any]):
+    def __init__(self, path: Path, attrs: dict[str, Any], overwrite: bool = False):
         self.path = Path(path)
+        check_path(self.path, overwrite)
+        if self.path.is_dir():  # an old ribray store, and overwrite was asked for
+            shutil.rmtree(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.root = zarr.open_group(str(self.path), mode="w")
         self.root.attrs.update({"ribray_version": __version__, "format_version": FORMAT_VERSION,
@@ -102,9 +107,6 @@ class StoreWriter:
         self._array(g, "E", E, ["out_feature", "in_feature"])
         g.attrs.update({"in_layer": layer, "out_layer": next_layer, "complete": True})
 
-    def set_attrs(self, **attrs: Any) -> None:
-        self.root.attrs.update(attrs)
-
     def finish(self, timings: dict[str, float]) -> None:
         self.root.attrs.update({"timings": timings, "status": "complete"})
 
@@ -133,9 +135,12 @@ def summary(root: zarr.Group) -> dict[str, Any]:
             continue
         g = root[key]
         lam = np.asarray(g["lambdas"][...]) if "lambdas" in g else np.array([])
+        const = g.attrs.get("const_feature")
+        rest = np.sort(np.delete(lam, const) if const is not None else lam)[::-1]
         layers.append({"layer": name, "width": g.attrs.get("width"),
                        "features": g.attrs.get("n_features"),
-                       "top_lambdas": [float(v) for v in lam[:4]],
+                       "const_lambda": float(lam[const]) if const is not None else None,
+                       "top_lambdas": [float(v) for v in rest[:4]],
                        "complete": bool(g.attrs.get("complete", False))})
     edges = []
     names = attrs.get("node_layers", [])

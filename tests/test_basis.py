@@ -24,7 +24,7 @@ def run_serial(model: SequentialModel, inputs: torch.Tensor, layers: list[str], 
                threshold: float = 1e-12, mode: str = "absolute", rotate_final: bool = False,
                shard_size: int = 40) -> pipeline.MemorySink:
     pts = integration_points("gradient", 0)
-    comp = ShardComputer(model, inputs, ComputeSettings(16, 64, pts, pts))
+    comp = ShardComputer(model, inputs, ComputeSettings(16, pts, pts))
     sink = pipeline.MemorySink()
     pipeline.run(SerialBackend(comp, shard_ranges(len(inputs), shard_size)), layers,
                  {n: model.width(n) for n in layers},
@@ -182,7 +182,7 @@ def test_integration_rules_agree_on_a_linear_section():
     results = {}
     for rule, n in [("gradient", 0), ("trapezoidal", 4), ("gauss-legendre", 3)]:
         pts = integration_points(rule, n)
-        comp = ShardComputer(seq, x, ComputeSettings(8, 8, pts, pts))
+        comp = ShardComputer(seq, x, ComputeSettings(8, pts, pts))
         sink = pipeline.MemorySink()
         layers = ["layers.0", "layers.1", "output"]
         pipeline.run(SerialBackend(comp, [(0, 30)]), layers, {k: seq.width(k) for k in layers},

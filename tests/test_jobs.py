@@ -151,6 +151,19 @@ def test_existing_store_needs_overwrite(two_stores, small_transformer_ckpt, tmp_
                                               "out": str(two_stores[1])})
     one_line_error(runner.invoke(app, ["submit", str(job)]), "--overwrite")
     assert open_store(two_stores[1]).attrs["status"] == "complete"
+    # a job that fails its checks does not touch the old store, even with --overwrite
+    bad = write_job(tmp_path / "bad.yaml", **{"model.path": str(small_transformer_ckpt),
+                                              "out": str(two_stores[1]),
+                                              "basis.node_layers": ["ln1.0", "nope", "output"]})
+    one_line_error(runner.invoke(app, ["submit", str(bad), "--overwrite"]), "nope")
+    assert open_store(two_stores[1]).attrs["status"] == "complete"
+
+
+def test_data_that_does_not_fit_the_model(small_transformer_ckpt, tmp_path):
+    job = write_job(tmp_path / "job.yaml", **{"model.path": str(small_transformer_ckpt),
+                                              "data.modulus": 20})
+    one_line_error(runner.invoke(app, ["validate", str(job)]), "field data",
+                   "vocabulary has 14 tokens")
 
 
 def test_nan_stops_the_job_and_marks_the_store_failed(ray_local, small_transformer_ckpt,
@@ -165,3 +178,35 @@ def test_nan_stops_the_job_and_marks_the_store_failed(ray_local, small_transform
     last = res.output.strip().splitlines()[-1]
     assert "non-finite" in last and "output" in last and "shard 0" in last, last
     assert open_store(tmp_path / "store.zarr").attrs["status"] == "failed"
+
+
+def test_readme_main_job(ray_local, tmp_path):
+    """The README's first command on the shipped checkpoint: `ribray submit jobs/modadd.yaml`,
+    then `ribray show` (output redirected to a temporary store)."""
+    from conftest import ROOT
+
+    store = tmp_path / "modadd.zarr"
+    res = runner.invoke(app, ["submit", str(ROOT / "jobs" / "modadd.yaml"), "--out", str(store),
+                              "--no-dashboard"])
+    assert res.exit_code == 0, res.output
+    s = json.loads(runner.invoke(app, ["show", str(store), "--json"]).output)
+    assert s["status"] == "complete" and [r["layer"] for r in s["layers"]] == [
+        "ln1.0", "ln2.0", "unembed", "output"]
+    root = open_store(store)
+    assert root["layers/output"].attrs["n_features"] == 113 + 1  # d_vocab, unrotated
+    for layer in ("ln1.0", "ln2.0", "unembed"):
+        g = root[f"layers/{layer}"]
+        assert 1 < g.attrs["n_features"] <= g.attrs["width"]
+
+
+def test_train_commands_write_loadable_checkpoints(tmp_path):
+    from ribray.checkpoints import load_model
+    from ribray.train import train_modadd
+
+    res = runner.invoke(app, ["train", "digits-mlp", "--out", str(tmp_path / "mlp.pt")])
+    assert res.exit_code == 0, res.output
+    model, meta = load_model(tmp_path / "mlp.pt", "ribray", torch.float64)
+    assert meta["test_acc"] > 0.9 and model.sizes == [64, 64, 64, 10]
+    meta = train_modadd(tmp_path / "m.pt", p=7, max_epochs=20, log=lambda s: None)
+    model, saved = load_model(tmp_path / "m.pt", "ribray", torch.float64)
+    assert saved["epochs"] == 20 and model.cfg.d_vocab == 8

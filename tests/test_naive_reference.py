@@ -1,7 +1,7 @@
 """ribray's fast Jacobian statistics against a deliberately naive float64 re-implementation.
 
-ribray computes integrated Jacobians with ``vjp`` + ``vmap`` over one-hot cotangents, in chunks
-and batches, then contracts them with einsum/matmul (:mod:`ribray.math.jacobian`,
+ribray computes integrated Jacobians one output row at a time for a whole batch of samples,
+then contracts them with einsum/matmul (:mod:`ribray.math.jacobian`,
 :mod:`ribray.math.lib`). The reference here loops over samples, integration points, output
 positions and output features, takes one ``torch.autograd.grad`` per scalar output, and builds the
 sums with explicit Python loops and ``np.outer``, written straight from the definitions:
@@ -40,9 +40,9 @@ RTOL = 1e-10
 RULES = [("gradient", 0), ("trapezoidal", 3), ("gauss-legendre", 2)]
 RULE_IDS = [f"{r}-{n}" for r, n in RULES]
 
-# (batch_size, chunk) for ribray: one setting that splits the batch and the Jacobian rows into
-# uneven pieces, one that does everything at once.
-RIBRAY_SETTINGS = [(4, 5), (256, 256)]
+# Batch sizes for ribray: one that splits the samples into uneven pieces, one that does
+# everything at once.
+RIBRAY_BATCHES = [4, 256]
 
 
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:
@@ -341,8 +341,8 @@ def test_m_partial_matches_naive(model_name, layer, target, rule, n):
     C_target = random_matrix(d_t, d_t - 1, seed=11)
     want, count = naive_m(model, inputs, layer, target, C_target, points)
     assert want.shape == (model.width(layer),) * 2
-    for batch_size, chunk in RIBRAY_SETTINGS:
-        s = m_partial(model, inputs, layer, target, C_target, points, batch_size, chunk)
+    for batch_size in RIBRAY_BATCHES:
+        s = m_partial(model, inputs, layer, target, C_target, points, batch_size)
         assert s.count == count
         err = rel_err(s.total / s.count, want)
         assert err < RTOL, f"M {model_name} {layer}->{target} {rule}: rel err {err:.3e}"
@@ -359,9 +359,8 @@ def test_edge_partial_matches_naive(model_name, layer, nxt, rule, n):
     C_out = random_matrix(d_out, d_out - 1, seed=31)
     want, count = naive_edges(model, inputs, layer, nxt, C_in, C_in_pinv, C_out, points)
     assert want.shape == (d_out - 1, d_in - 2)
-    for batch_size, chunk in RIBRAY_SETTINGS:
-        s = edge_partial(model, inputs, layer, nxt, C_in, C_in_pinv, C_out, points,
-                         batch_size, chunk)
+    for batch_size in RIBRAY_BATCHES:
+        s = edge_partial(model, inputs, layer, nxt, C_in, C_in_pinv, C_out, points, batch_size)
         assert s.count == count
         err = rel_err(s.total / s.count, want)
         assert err < RTOL, f"E {model_name} {layer}->{nxt} {rule}: rel err {err:.3e}"
@@ -375,7 +374,7 @@ def test_naive_reference_is_sensitive():
     want, _ = naive_m(model, inputs, "ln1.0", "ln2.0", C, points)
     wrong, _ = naive_m(model, inputs, "ln1.0", "ln2.0", C.T, points)
     assert rel_err(wrong, want) > 1e-3
-    s = m_partial(model, inputs, "ln1.0", "ln2.0", C, integration_points("gradient", 0), 4, 5)
+    s = m_partial(model, inputs, "ln1.0", "ln2.0", C, integration_points("gradient", 0), 4)
     assert rel_err(s.total / s.count, want) > 1e-3
 
 
@@ -407,7 +406,7 @@ PIPE_LAYERS = ["ln1.0", "ln2.0", "unembed", "output"]
 def pipeline_result(request):
     model = to_sequential(make_transformer(), last_pos_only=True)
     inputs = transformer_tokens(16, 8)
-    settings = ComputeSettings(batch_size=4, chunk=7,
+    settings = ComputeSettings(batch_size=4,
                                basis_points=integration_points("gauss-legendre", 2),
                                edge_points=integration_points("trapezoidal", 3))
     backend = SerialBackend(ShardComputer(model, inputs, settings), [(0, 5), (5, 11), (11, 16)])

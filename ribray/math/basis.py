@@ -51,8 +51,10 @@ def cutoff(values: np.ndarray, threshold: float, mode: str) -> float:
     """The value at or below which eigenvalues are dropped.
 
     ``absolute``: ``threshold`` itself (the paper's 1e-15). ``relative``: ``threshold`` times the
-    largest |value|, which is invariant to the scale of the activations; at an absolute 1e-15
-    the kept dimension can sit in round-off for layers whose eigenvalues are O(1).
+    largest |value| of ``values`` (callers pass the eigenvalues of the non-constant block), so
+    the cutoff scales with the activations and the kept dimension does not change when they are
+    rescaled; at an absolute 1e-15 the kept dimension of a layer with eigenvalues of O(1)-O(1e5)
+    sits inside float64 round-off.
     """
     if mode == "absolute":
         return float(threshold)
@@ -126,8 +128,7 @@ def pca(cov: np.ndarray, mean: np.ndarray, const: int, threshold: float, mode: s
     d = cov.shape[0]
     rest = np.array([i for i in range(d) if i != const])
     vals, vecs = eigh_descending(cov[np.ix_(rest, rest)])
-    all_vals = np.concatenate([[1.0], vals])
-    keep = vals > cutoff(all_vals, threshold, mode)
+    keep = vals > cutoff(vals, threshold, mode)
     U = np.zeros((d, 1 + int(keep.sum())))
     U[const, 0] = 1.0
     U[rest, 1:] = vecs[:, keep]
@@ -147,7 +148,7 @@ def lib_basis(p: Pca, M_raw: np.ndarray, threshold: float, mode: str) -> Basis:
     M = (M + M.T) / 2
     vals, vecs = eigh_descending(M[1:, 1:])
     lam_all = np.concatenate([[abs(M[0, 0])], vals])
-    cut = cutoff(lam_all, threshold, mode)
+    cut = cutoff(vals, threshold, mode)
     keep = np.concatenate([[lam_all[0] > cut], vals > cut])
     k = p.D.shape[0]
     V = np.zeros((k, k))

@@ -55,8 +55,7 @@ def _as_tensor(a: np.ndarray, model: SequentialModel) -> Tensor:
 
 
 def m_partial(model: SequentialModel, inputs: Tensor, layer: str, target: str,
-              C_target: np.ndarray, points: list[Point], batch_size: int,
-              chunk: int = 256) -> Sum:
+              C_target: np.ndarray, points: list[Point], batch_size: int) -> Sum:
     """Σ over the batch of the raw Jacobian-Gram of ``layer`` with respect to ``target``'s
     features; count = samples × input positions."""
     total, count = None, 0
@@ -68,7 +67,7 @@ def m_partial(model: SequentialModel, inputs: Tensor, layer: str, target: str,
     for batch in _batches(inputs, batch_size):
         with torch.no_grad():
             x = model.activations(batch, [layer])[layer]
-        jac = integrated_jacobian(fn, x, points, chunk)
+        jac = integrated_jacobian(fn, x, points)
         check_finite(jac, f"gradients into {layer}")
         part = m_sum(jac)
         total = part if total is None else total + part
@@ -79,7 +78,7 @@ def m_partial(model: SequentialModel, inputs: Tensor, layer: str, target: str,
 
 def edge_partial(model: SequentialModel, inputs: Tensor, layer: str, next_layer: str,
                  C_in: np.ndarray, C_in_pinv: np.ndarray, C_out: np.ndarray,
-                 points: list[Point], batch_size: int, chunk: int = 256) -> Sum:
+                 points: list[Point], batch_size: int) -> Sum:
     """Σ over the batch of squared integrated-gradient edges from ``layer`` to ``next_layer``;
     count = samples × input positions."""
     total, count = None, 0
@@ -92,7 +91,7 @@ def edge_partial(model: SequentialModel, inputs: Tensor, layer: str, next_layer:
         with torch.no_grad():
             x = model.activations(batch, [layer])[layer]
         f_hat = x @ Ci
-        jac = integrated_jacobian(fn_hat, f_hat, points, chunk)
+        jac = integrated_jacobian(fn_hat, f_hat, points)
         check_finite(jac, f"gradients from {next_layer} into {layer}")
         t_out = jac.shape[0] // Co.shape[1]
         part = edge_sum(jac, f_hat, t_out)

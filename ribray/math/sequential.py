@@ -195,6 +195,23 @@ class SequentialModel(nn.Module):
             raise ValueError(f"node layers must be distinct and in model order "
                              f"({', '.join(self.names)})")
 
+    def input_problem(self, inputs: Tensor) -> str | None:
+        """Why the model cannot take these inputs (vocabulary, context, width), or None."""
+        if isinstance(self.embed, TokenEmbed):
+            vocab, n_ctx = self.embed.W_E.shape[0], self.embed.W_pos.shape[0]
+            if inputs.ndim != 2 or inputs.dtype not in (torch.int64, torch.int32):
+                return "a transformer needs integer token sequences"
+            if int(inputs.max()) >= vocab or int(inputs.min()) < 0:
+                return (f"token ids span {int(inputs.min())}..{int(inputs.max())} but the "
+                        f"model's vocabulary has {vocab} tokens")
+            if inputs.shape[1] > n_ctx:
+                return f"sequences of {inputs.shape[1]} tokens exceed the model's n_ctx {n_ctx}"
+            return None
+        want = self.steps[0].d_in - 1
+        if inputs.ndim != 2 or inputs.shape[1] != want:
+            return f"inputs have shape {tuple(inputs.shape)}, the model takes (n, {want})"
+        return None
+
     def run(self, x: Tensor, start: str, stop: str) -> Tensor:
         """Apply the steps from node layer ``start`` up to node layer ``stop``."""
         for step in self.steps[self.index(start): self.index(stop)]:
