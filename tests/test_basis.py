@@ -203,3 +203,21 @@ def test_neuron_basis_is_raw_coordinates_constant_first(kind):
     assert b.C.shape == (w, w) and b.C[w - 1, 0] == 1.0
     f = acts(model, x, "ln2.0")
     np.testing.assert_allclose(b.lambdas[1:], f[:, :-1].var(0), rtol=1e-9)
+
+
+def test_rotate_final_layer():
+    """`rotate_final`: `output` (no constant) is rotated onto its covariance eigenvectors; a
+    final layer with a constant gets the PCA basis, constant first."""
+    model, x = small_modadd()
+    out = run_serial(model, x, LAYERS, "lib", rotate_final=True).bases["output"]
+    f = acts(model, x, "output")
+    vals = np.sort(np.linalg.eigvalsh(np.cov(f.T, bias=True)))[::-1]
+    np.testing.assert_allclose(out.lambdas, vals, rtol=1e-9, atol=1e-12 * vals[0])
+    np.testing.assert_allclose(out.C.T @ out.C, np.eye(out.n_features), atol=1e-12)
+    assert out.const_feature is None
+    short = run_serial(model, x, LAYERS[:-1], "lib", rotate_final=True).bases["unembed"]
+    pca = bases.pca(np.cov(acts(model, x, "unembed").T, bias=True),
+                    acts(model, x, "unembed").mean(0), model.width("unembed") - 1, 1e-12,
+                    "absolute")
+    np.testing.assert_allclose(short.lambdas, pca.D, rtol=1e-9)
+    assert short.const_feature == 0

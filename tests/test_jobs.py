@@ -11,7 +11,7 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
-from conftest import write_job
+from conftest import ROOT, SHARED, write_job
 from ribray.cli import app
 from ribray.config import load_job
 from ribray.orchestrate import run_job
@@ -183,8 +183,6 @@ def test_nan_stops_the_job_and_marks_the_store_failed(ray_local, small_transform
 def test_readme_main_job(ray_local, tmp_path):
     """The README's first command on the shipped checkpoint: `ribray submit jobs/modadd.yaml`,
     then `ribray show` (output redirected to a temporary store)."""
-    from conftest import ROOT
-
     store = tmp_path / "modadd.zarr"
     res = runner.invoke(app, ["submit", str(ROOT / "jobs" / "modadd.yaml"), "--out", str(store),
                               "--no-dashboard"])
@@ -210,3 +208,13 @@ def test_train_commands_write_loadable_checkpoints(tmp_path):
     meta = train_modadd(tmp_path / "m.pt", p=7, max_epochs=20, log=lambda s: None)
     model, saved = load_model(tmp_path / "m.pt", "ribray", torch.float64)
     assert saved["epochs"] == 20 and model.cfg.d_vocab == 8
+
+
+@pytest.mark.parametrize("job_file", sorted((ROOT / "jobs").rglob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_job_files_validate(job_file, monkeypatch):
+    if "reference" in job_file.parts and not SHARED.is_dir():
+        pytest.skip("reference checkpoints not available")
+    monkeypatch.chdir(ROOT)  # job files' relative paths resolve against the working directory
+    res = runner.invoke(app, ["validate", str(job_file.relative_to(ROOT))])
+    assert res.exit_code == 0, res.output
