@@ -23,7 +23,7 @@ from pathlib import Path
 import ray
 
 from ribray import pipeline
-from ribray.build import compute_settings, load_data, load_sequential
+from ribray.build import basis_settings, compute_settings, load_data, load_sequential
 from ribray.config import load_job
 from ribray.data import shard_ranges
 from ribray.orchestrate import run_job
@@ -47,12 +47,9 @@ def serial_run(job_file: Path) -> dict[str, float]:
     model, data = load_sequential(job), load_data(job)
     comp = ShardComputer(model, data.inputs, compute_settings(job))
     layers = list(job.basis.node_layers)
-    settings = pipeline.BasisSettings(job.basis.kind, job.basis.truncation_threshold,
-                                      job.basis.threshold_mode, job.basis.rotate_final,
-                                      job.edges.enabled)
     t1 = time.perf_counter()
     timings = pipeline.run(SerialBackend(comp, shard_ranges(len(data), job.ray.shard_size)),
-                           layers, {n: model.width(n) for n in layers}, settings,
+                           layers, {n: model.width(n) for n in layers}, basis_settings(job),
                            pipeline.MemorySink())
     timings["preflight"] = t1 - t0
     timings["total"] = time.perf_counter() - t0

@@ -12,6 +12,7 @@ from ribray.config import DigitsData, JobSpec, ModAddData
 from ribray.data import Dataset, digits, modular_addition
 from ribray.math.jacobian import integration_points
 from ribray.math.sequential import SequentialModel, to_sequential
+from ribray.pipeline import BasisSettings
 from ribray.shards import ComputeSettings
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -43,6 +44,13 @@ def compute_settings(job: JobSpec) -> ComputeSettings:
     return ComputeSettings(batch_size=job.ray.batch_size,
                            basis_points=integration_points(bi.rule, bi.n),
                            edge_points=integration_points(ei.rule, ei.n))
+
+
+def basis_settings(job: JobSpec) -> BasisSettings:
+    b = job.basis
+    return BasisSettings(kind=b.kind, threshold=b.truncation_threshold,
+                         threshold_mode=b.threshold_mode, rotate_final=b.rotate_final,
+                         compute_edges=job.edges.enabled)
 
 
 def fingerprint_file(path: str | Path) -> str:

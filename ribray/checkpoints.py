@@ -13,6 +13,7 @@ Formats read:
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -56,28 +57,53 @@ def save_mlp(path: Path, model: MLP, meta: dict | None = None) -> None:
                 "state_dict": sd, "meta": meta or {}}, path)
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, explicit: bool) -> dict:
     if not path.is_file():
-        raise CheckpointError(f"{path}: config.yaml not found beside the checkpoint")
-    with open(path) as fh:
-        cfg = yaml.safe_load(fh)
+        where = "" if explicit else " beside the checkpoint"
+        raise CheckpointError(f"{path}: config.yaml not found{where}")
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CheckpointError(f"{path}: not valid YAML ({getattr(exc, 'problem', exc)})"
+                              ) from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
         raise CheckpointError(f"{path}: expected a mapping with a 'model' section")
     return cfg
 
 
+def _tensors(sd: dict, path: Path) -> dict[str, torch.Tensor]:
+    """The tensor entries of a state dict (TransformerLens keeps a few buffers beside them)."""
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: the state dict is a {type(sd).__name__}, not a mapping")
+    return {k: v for k, v in sd.items() if torch.is_tensor(v)}
+
+
+# Parameters of models ribray cannot yet put in sequential form: loading such a checkpoint as a
+# transformer without layer norm would silently analyse a different model.
+_UNSUPPORTED_TL = re.compile(r"(^|\.)(ln\d*|ln_final)\.(w|b)$|rotary|mlp\.b_gate|W_gate")
+
+
 def _build_transformer(cfg: TransformerConfig, sd: dict, path: Path,
                        dtype: torch.dtype) -> Transformer:
-    model = Transformer(cfg, dtype=dtype)
+    tensors = _tensors(sd, path)
+    odd = sorted(k for k in tensors if _UNSUPPORTED_TL.search(k))
+    if odd:
+        raise CheckpointError(f"{path}: parameters {odd[:3]} belong to layer norm or another "
+                              f"component ribray does not support yet (transformers without "
+                              f"layer norm only)")
     try:
-        model.load_tl_state_dict({k: v.to(dtype) for k, v in sd.items() if torch.is_tensor(v)})
-    except ValueError as exc:
+        model = Transformer(cfg, dtype=dtype)
+        model.load_tl_state_dict({k: v.to(dtype) for k, v in tensors.items()})
+    except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     return model.eval()
 
 
 def _build_mlp(sizes: list[int], act_fn: str, sd: dict, path: Path, dtype: torch.dtype) -> MLP:
-    model = MLP(sizes, act_fn=act_fn, dtype=dtype)
+    try:
+        model = MLP(sizes, act_fn=act_fn, dtype=dtype)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     own = model.state_dict()
     for k, ref in own.items():
         if k not in sd:
@@ -90,11 +116,12 @@ def _build_mlp(sizes: list[int], act_fn: str, sd: dict, path: Path, dtype: torch
 
 
 def _mlp_sizes(sd: dict, path: Path) -> list[int]:
+    sd = _tensors(sd, path)
     n = 0
     while f"layers.{n}.W" in sd:
         n += 1
     if n == 0:
-        raise CheckpointError(f"{path}: no parameters named layers.0.W; not an MLP checkpoint")
+        raise CheckpointError(f"{path}: no tensor named layers.0.W; not an MLP checkpoint")
     sizes = [int(sd["layers.0.W"].shape[0])]
     for i in range(n):
         w = sd[f"layers.{i}.W"]
@@ -105,43 +132,60 @@ def _mlp_sizes(sd: dict, path: Path) -> list[int]:
     return sizes
 
 
+def _tlens_config(mcfg: dict, cfg_path: Path) -> TransformerConfig:
+    """TransformerConfig from a reference ``config.yaml`` ``model`` section.
+
+    TransformerLens defaults to layer norm when ``normalization_type`` is absent, and supports
+    options ribray does not (rotary or shortformer positions, parallel attention and MLP,
+    attention-only models); all of these are refused rather than silently ignored.
+    """
+    if mcfg.get("normalization_type", "LN") not in (None, "none", "None"):
+        raise CheckpointError(f"{cfg_path}: normalization_type "
+                              f"{mcfg.get('normalization_type', 'LN (the default)')!r} is not "
+                              f"supported yet (transformers without layer norm only)")
+    unsupported = {"positional_embedding_type": "standard", "parallel_attn_mlp": False,
+                   "attn_only": False, "gated_mlp": False}
+    for key, ok in unsupported.items():
+        if key in mcfg and mcfg[key] != ok:
+            raise CheckpointError(f"{cfg_path}: {key}: {mcfg[key]!r} is not supported")
+    fields = TransformerConfig.__dataclass_fields__
+    try:
+        return TransformerConfig(**{k: mcfg[k] for k in fields if k in mcfg})
+    except TypeError as exc:
+        raise CheckpointError(f"{cfg_path}: bad model section ({exc})") from None
+
+
 def load_model(path: Path, fmt: str, dtype: torch.dtype,
                config_path: Path | None = None) -> tuple[Transformer | MLP, dict]:
-    """Load a checkpoint as an ordinary model in ``dtype``; returns (model, metadata)."""
+    """Load a checkpoint as an ordinary model in ``dtype``; returns (model, metadata).
+
+    Every problem (missing file, wrong format, wrong shapes, unsupported architecture) raises
+    :class:`CheckpointError` with one line naming the file.
+    """
     path = Path(path)
     obj = _torch_load(path)
     if fmt == "ribray":
         if obj.get("format") != "ribray" or "state_dict" not in obj:
             raise CheckpointError(f"{path}: not a ribray checkpoint (use format tlens or "
                                   f"reference-mlp for the reference implementation's files)")
-        cfg, sd = obj.get("config", {}), obj["state_dict"]
+        cfg, sd, meta = obj.get("config", {}), obj["state_dict"], dict(obj.get("meta", {}))
         if obj.get("kind") == "transformer":
             try:
                 tcfg = TransformerConfig(**cfg)
             except TypeError as exc:
                 raise CheckpointError(f"{path}: bad transformer config ({exc})") from None
-            return _build_transformer(tcfg, sd, path, dtype), dict(obj.get("meta", {}))
+            return _build_transformer(tcfg, sd, path, dtype), meta
         if obj.get("kind") == "mlp":
-            sizes = _mlp_sizes(sd, path)
-            return _build_mlp(sizes, cfg.get("act_fn", "relu"), sd, path, dtype), dict(
-                obj.get("meta", {}))
+            return _build_mlp(_mlp_sizes(sd, path), cfg.get("act_fn", "relu"), sd, path,
+                              dtype), meta
         raise CheckpointError(f"{path}: unknown model kind {obj.get('kind')!r}")
     cfg_path = Path(config_path) if config_path else path.parent / "config.yaml"
     if fmt == "tlens":
-        mcfg = _read_yaml(cfg_path)["model"]
-        if mcfg.get("normalization_type") not in (None, "none"):
-            raise CheckpointError(f"{cfg_path}: normalization_type "
-                                  f"{mcfg.get('normalization_type')!r} is not supported for "
-                                  f"TransformerLens checkpoints (only models without layer norm)")
-        fields = TransformerConfig.__dataclass_fields__
-        try:
-            tcfg = TransformerConfig(**{k: mcfg[k] for k in fields if k in mcfg})
-        except TypeError as exc:
-            raise CheckpointError(f"{cfg_path}: bad model section ({exc})") from None
+        tcfg = _tlens_config(_read_yaml(cfg_path, config_path is not None)["model"], cfg_path)
         return _build_transformer(tcfg, obj, path, dtype), {"config_yaml": str(cfg_path)}
     if fmt == "reference-mlp":
-        mcfg = _read_yaml(cfg_path)["model"]
+        mcfg = _read_yaml(cfg_path, config_path is not None)["model"]
         act = mcfg.get("activation_fn", "relu")
-        return _build_mlp(_mlp_sizes(obj, path), act, obj, path, dtype), {
+        return _build_mlp(_mlp_sizes(obj, path), act, _tensors(obj, path), path, dtype), {
             "config_yaml": str(cfg_path)}
     raise CheckpointError(f"{path}: unknown checkpoint format {fmt!r}")

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -107,19 +108,20 @@ def show(
     if as_json:
         typer.echo(json.dumps(s, indent=2))
         return
-    out.print(f"[bold]{store}[/bold]: job {s['name']}, basis {s['basis']}, status {s['status']}")
+    out.print(f"[bold]{escape(str(store))}[/bold]: job {escape(str(s['name']))}, basis "
+              f"{s['basis']}, status {s['status']}")
     t = Table("node layer", "width", "features", "Λ const", "top Λ (others)", "done")
     for row in s["layers"]:
         lam = ", ".join(f"{v:.3g}" for v in row.get("top_lambdas", [])[:3])
         const = row.get("const_lambda")
-        t.add_row(row["layer"], str(row.get("width") or ""), str(row.get("features") or ""),
+        t.add_row(escape(row["layer"]), str(row.get("width") or ""), str(row.get("features") or ""),
                   "" if const is None else f"{const:.3g}", lam,
                   "yes" if row["complete"] else "no")
     out.print(t)
     if s["edges"]:
         te = Table("edges", "shape", "ΣE", "max E")
         for e in s["edges"]:
-            te.add_row(e["edge"], "x".join(map(str, e["shape"])), f"{e['sum']:.6g}",
+            te.add_row(escape(e["edge"]), "x".join(map(str, e["shape"])), f"{e['sum']:.6g}",
                        f"{e['max']:.6g}")
         out.print(te)
     if s["timings"]:

@@ -36,6 +36,8 @@ class Dataset:
 
 def modular_addition(p: int, frac_train: float, seed: int, split: str) -> Dataset:
     """The modular-addition data set (see module docstring). split: train | test | all."""
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be train, test or all, got {split!r}")
     x = torch.arange(p).repeat_interleave(p)  # row-major: (0,0), (0,1), ...
     y = torch.arange(p).repeat(p)
     tokens = torch.stack([x, y, torch.full_like(x, p)], dim=1)
@@ -45,8 +47,6 @@ def modular_addition(p: int, frac_train: float, seed: int, split: str) -> Datase
     perm = torch.randperm(p * p, generator=torch.Generator().manual_seed(seed))
     n_train = int(frac_train * p * p)
     idx = perm[:n_train] if split == "train" else perm[n_train:]
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be train, test or all, got {split!r}")
     return Dataset(tokens[idx], labels[idx])
 
 
@@ -54,6 +54,8 @@ def digits(frac_train: float, seed: int, split: str) -> Dataset:
     """scikit-learn's bundled digits (no download), pixels scaled to [0, 1], seeded split."""
     from sklearn.datasets import load_digits
 
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be train, test or all, got {split!r}")
     bunch = load_digits()
     inputs = torch.tensor(bunch.data, dtype=torch.float64) / 16.0
     labels = torch.tensor(bunch.target, dtype=torch.int64)
@@ -61,8 +63,6 @@ def digits(frac_train: float, seed: int, split: str) -> Dataset:
         return Dataset(inputs, labels)
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     n_train = int(frac_train * len(labels))
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be train, test or all, got {split!r}")
     idx = perm[:n_train] if split == "train" else perm[n_train:]
     return Dataset(inputs[idx], labels[idx])
 

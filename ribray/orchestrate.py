@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ import ray
 
 from ribray import pipeline
 from ribray.build import (
+    basis_settings,
     compute_settings,
     fingerprint_file,
     fingerprint_tensor,
@@ -31,12 +33,19 @@ from ribray.build import (
     load_sequential,
 )
 from ribray.checkpoints import CheckpointError
-from ribray.config import JobSpec
+from ribray.config import JobSpec, ModAddData
 from ribray.data import shard_ranges
+from ribray.math.sequential import TokenEmbed
 from ribray.shards import ShardComputer
 from ribray.store import StoreError, StoreWriter, check_path
 
 Log = Callable[[str], None]
+MAX_RESTARTS = 8
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
 
 
 class WorkerError(RuntimeError):
@@ -66,15 +75,15 @@ class LibWorker:
         self.computer = ShardComputer(load_sequential(spec).to(device),
                                       load_data(spec).inputs.to(device), compute_settings(spec))
 
-    def gram(self, shard_id: int, shard: tuple[int, int], layers: list[str]):
-        return shard_id, self.computer.gram(shard, layers)
+    def gram(self, shard: tuple[int, int], layers: list[str]):
+        return self.computer.gram(shard, layers)
 
-    def m(self, shard_id: int, shard: tuple[int, int], layer: str, target: str, C: np.ndarray):
-        return shard_id, self.computer.m(shard, layer, target, C)
+    def m(self, shard: tuple[int, int], layer: str, target: str, C: np.ndarray):
+        return self.computer.m(shard, layer, target, C)
 
-    def edges(self, shard_id: int, shard: tuple[int, int], layer: str, nxt: str,
-              C_in: np.ndarray, C_in_pinv: np.ndarray, C_out: np.ndarray):
-        return shard_id, self.computer.edges(shard, layer, nxt, C_in, C_in_pinv, C_out)
+    def edges(self, shard: tuple[int, int], layer: str, nxt: str, C_in: np.ndarray,
+              C_in_pinv: np.ndarray, C_out: np.ndarray):
+        return self.computer.edges(shard, layer, nxt, C_in, C_in_pinv, C_out)
 
     def ready(self) -> str:
         return self.device
@@ -96,19 +105,21 @@ class RayBackend:
         while todo or in_flight:
             while todo and idle:
                 w, s = idle.pop(), todo.pop()
-                ref = getattr(self.workers[w], method).remote(s, self.shards[s], *refs)
+                ref = getattr(self.workers[w], method).remote(self.shards[s], *refs)
                 in_flight[ref] = (w, s)
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in ready:
                 w, s = in_flight.pop(ref)
                 idle.append(w)
                 try:
-                    shard_id, part = ray.get(ref)
+                    done[s] = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:
                     cause = exc.cause if exc.cause is not None else exc
                     raise WorkerError(f"{phase}, shard {s} {self.shards[s]}: "
                                       f"{type(cause).__name__}: {cause}") from None
-                done[shard_id] = part
+                except ray.exceptions.RayActorError as exc:
+                    raise WorkerError(f"{phase}, shard {s} {self.shards[s]}: worker died and "
+                                      f"could not be restarted ({type(exc).__name__})") from None
             now = time.perf_counter()
             if now - last > 2.0 or not (todo or in_flight):
                 last = now
@@ -150,7 +161,13 @@ def placement(job: JobSpec) -> tuple[int, float]:
         raise PreflightError("ray.gpus_per_worker", f"{gpus:g} GPUs per worker asked for, the "
                                                     f"cluster has {res.get('GPU', 0):g}")
     if job.ray.num_workers:
-        return job.ray.num_workers, gpus
+        n = job.ray.num_workers
+        if n * job.ray.cpus_per_worker > res.get("CPU", 0) or n * gpus > res.get("GPU", 0):
+            raise PreflightError("ray.num_workers", f"{n} workers × ({job.ray.cpus_per_worker:g} "
+                                                    f"CPU, {gpus:g} GPU) exceed the cluster's "
+                                                    f"{res.get('CPU', 0):g} CPUs and "
+                                                    f"{res.get('GPU', 0):g} GPUs")
+        return n, gpus
     if gpus > 0:
         return max(1, int(res.get("GPU", 0) // gpus)), gpus
     return max(1, int(res.get("CPU", 1) // job.ray.cpus_per_worker)), gpus
@@ -170,6 +187,12 @@ def check_job(job: JobSpec) -> dict[str, Any]:
     data = load_data(job)
     if len(data) == 0:
         raise PreflightError("data", "the data set selection is empty")
+    if isinstance(job.data, ModAddData) and isinstance(model.embed, TokenEmbed):
+        p, vocab = job.data.modulus, model.embed.W_E.shape[0]
+        if p + 1 != vocab:
+            raise PreflightError("data.modulus", f"modulus {p} needs a vocabulary of {p + 1} "
+                                                 f"tokens (0..{p - 1} and '='), the model has "
+                                                 f"{vocab}")
     problem = model.input_problem(data.inputs)
     if problem:
         raise PreflightError("data", problem)
@@ -199,38 +222,42 @@ def run_job(job: JobSpec, out: Path, address: str | None = None, overwrite: bool
     connect(address, dashboard)
     t_ray = time.perf_counter()
     n_workers, gpus = placement(job)
+    # restarts are bounded, so a worker that always dies (out of memory, say) ends the job;
+    # task retries then last as long as the actor can come back
     opts: dict[str, Any] = {"num_cpus": job.ray.cpus_per_worker,
-                            "max_restarts": -1, "max_task_retries": -1}
+                            "max_restarts": MAX_RESTARTS, "max_task_retries": -1}
     if gpus:
         opts["num_gpus"] = gpus
     actor = ray.remote(**opts)(LibWorker)
     job = job.model_copy(update={"out": str(out)})  # the store records where it was written
     job_dict = job.model_dump()
     workers = [actor.remote(job_dict) for _ in range(n_workers)]
-    devices = ray.get([w.ready.remote() for w in workers])  # models loaded before timing
-    t_workers = time.perf_counter()
-    shards = shard_ranges(info["n_samples"], job.ray.shard_size)
-    log(f"{job.name}: {info['n_samples']} samples in {len(shards)} shards on {n_workers} "
-        f"workers ({', '.join(sorted(set(devices)))}); node layers "
-        f"{', '.join(job.basis.node_layers)}")
-    writer = StoreWriter(out, {
-        "config": job_dict, "config_hash": job.fingerprint(),
-        "node_layers": list(job.basis.node_layers), "basis": job.basis.kind,
-        "fingerprints": info["fingerprints"], "n_samples": info["n_samples"]},
-        overwrite=overwrite)
-    settings = pipeline.BasisSettings(
-        kind=job.basis.kind, threshold=job.basis.truncation_threshold,
-        threshold_mode=job.basis.threshold_mode, rotate_final=job.basis.rotate_final,
-        compute_edges=job.edges.enabled)
+    writer: StoreWriter | None = None
     try:
+        try:
+            devices = ray.get([w.ready.remote() for w in workers])  # models loaded first
+        except ray.exceptions.RayError as exc:
+            raise WorkerError(f"a worker failed to start: {_first_line(exc)}") from None
+        t_workers = time.perf_counter()
+        shards = shard_ranges(info["n_samples"], job.ray.shard_size)
+        log(f"{job.name}: {info['n_samples']} samples in {len(shards)} shards on {n_workers} "
+            f"workers ({', '.join(sorted(set(devices)))}); node layers "
+            f"{', '.join(job.basis.node_layers)}")
+        writer = StoreWriter(out, {
+            "config": job_dict, "config_hash": job.fingerprint(),
+            "node_layers": list(job.basis.node_layers), "basis": job.basis.kind,
+            "fingerprints": info["fingerprints"], "n_samples": info["n_samples"]},
+            overwrite=overwrite)
         timings = pipeline.run(RayBackend(workers, shards, log), list(job.basis.node_layers),
-                               info["widths"], settings, writer, log)
+                               info["widths"], basis_settings(job), writer, log)
     except BaseException as exc:
-        writer.fail(f"{type(exc).__name__}: {exc}")
+        if writer is not None:
+            writer.fail(f"{type(exc).__name__}: {exc}")
         raise
     finally:
         for w in workers:
-            ray.kill(w)
+            with contextlib.suppress(Exception):  # the results are in; never fail on cleanup
+                ray.kill(w)
     timings["preflight"] = t_pre - t_start
     timings["ray_start"] = t_ray - t_pre
     timings["workers_start"] = t_workers - t_ray

@@ -17,6 +17,7 @@ import numpy as np
 
 from ribray.math import basis as bases
 from ribray.math.accumulators import Moments, Sum, reduce_in_order
+from ribray.math.sequential import SequentialModel
 
 
 class Backend(Protocol):
@@ -48,7 +49,7 @@ class BasisSettings:
 
 
 def _const_index(layer: str, width: int) -> int | None:
-    return None if layer == "output" else width - 1
+    return SequentialModel.const_index(layer, width)
 
 
 def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: BasisSettings,

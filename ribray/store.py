@@ -28,6 +28,7 @@ import zarr
 
 from ribray import __version__
 from ribray.math.basis import Basis
+from ribray.math.sequential import SequentialModel
 
 FORMAT_VERSION = 1
 
@@ -88,7 +89,7 @@ class StoreWriter:
         self._array(g, "mean", mean, ["raw"])
         self._array(g, "gram", gram, ["raw", "raw_T"])
         g.attrs.update({"width": int(mean.shape[0]), "n_rows": int(count),
-                        "const_raw_index": None if layer == "output" else int(mean.shape[0]) - 1,
+                        "const_raw_index": SequentialModel.const_index(layer, mean.shape[0]),
                         "complete": False})
 
     def basis(self, layer: str, b: Basis) -> None:
@@ -118,7 +119,10 @@ def open_store(path: str | Path) -> zarr.Group:
     path = Path(path)
     if not _is_store(path):
         raise StoreError(f"{path}: not a Zarr store (no zarr.json)")
-    root = zarr.open_group(str(path), mode="r")
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except Exception as exc:  # noqa: BLE001 - corrupt metadata, or an array at the root
+        raise StoreError(f"{path}: not a readable Zarr group ({type(exc).__name__})") from None
     if "ribray_version" not in root.attrs:
         raise StoreError(f"{path}: a Zarr store, but not one written by ribray")
     return root

@@ -8,7 +8,6 @@ below any real error (a wrong normalisation is O(1), a leaked block is O(1) of t
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from ribray import pipeline
@@ -194,10 +193,9 @@ def test_integration_rules_agree_on_a_linear_section():
                                        atol=1e-12 * E.max())
 
 
-@pytest.mark.parametrize("kind", ["neuron"])
-def test_neuron_basis_is_raw_coordinates_constant_first(kind):
+def test_neuron_basis_is_raw_coordinates_constant_first():
     model, x = small_modadd()
-    sink = run_serial(model, x, LAYERS, kind)
+    sink = run_serial(model, x, LAYERS, "neuron")
     b = sink.bases["ln2.0"]
     w = model.width("ln2.0")
     assert b.C.shape == (w, w) and b.C[w - 1, 0] == 1.0
@@ -221,3 +219,29 @@ def test_rotate_final_layer():
                     "absolute")
     np.testing.assert_allclose(short.lambdas, pca.D, rtol=1e-9)
     assert short.const_feature == 0
+
+
+def test_float32_model_agrees_with_float64():
+    """A float32 model (float64 accumulation) gives the same large Λ and kept dimensions as
+    float64 to float32 precision: relative 1e-4 on Λ above 1e-3 of the largest."""
+    model, x = small_modadd()
+    ref = run_serial(model, x, LAYERS, "lib", threshold=1e-6, mode="relative")
+    f32 = run_serial(model.to(torch.float32), x, LAYERS, "lib", threshold=1e-6,
+                     mode="relative")
+    for layer in LAYERS[:-1]:
+        a, b = ref.bases[layer].lambdas, f32.bases[layer].lambdas
+        big = a > 1e-3 * a.max()
+        np.testing.assert_allclose(b[: len(a)][big], a[big], rtol=1e-4)
+
+
+def test_edges_into_a_layer_without_features():
+    """A next layer that kept no feature (every Λ under the cutoff) gives an empty edge
+    matrix, not a crash."""
+    from ribray.math.lib import edge_partial
+
+    model, x = small_modadd()
+    w_in, w_out = model.width("ln2.0"), model.width("unembed")
+    C_in = np.eye(w_in)[:, :5]
+    s = edge_partial(model, x[:7], "ln2.0", "unembed", C_in, C_in.T, np.zeros((w_out, 0)),
+                     integration_points("gradient", 0), 4)
+    assert s.total.shape == (0, 5) and s.count == 7

@@ -53,9 +53,33 @@ def test_moments_merge_equals_direct(cuts):
     np.testing.assert_allclose(merged.covariance(), cov, rtol=1e-9, atol=1e-12)
 
 
+class Recorder:
+    """A Mergeable that remembers the order in which parts were merged."""
+
+    def __init__(self, ids: list[int]):
+        self.ids = ids
+
+    def merge(self, other: Recorder) -> Recorder:
+        return Recorder(self.ids + other.ids)
+
+
 def test_reduce_in_order_is_by_shard_id():
-    parts = {2: Sum(1, np.array([3.0])), 0: Sum(1, np.array([1.0])), 1: Sum(2, np.array([2.0]))}
-    total = reduce_in_order(parts)
-    assert total.count == 4 and total.total.tolist() == [6.0]
+    parts = {2: Recorder([2]), 0: Recorder([0]), 3: Recorder([3]), 1: Recorder([1])}
+    assert reduce_in_order(parts).ids == [0, 1, 2, 3]
+    total = reduce_in_order({1: Sum(2, np.array([2.0])), 0: Sum(1, np.array([1.0]))})
+    assert total.count == 3 and total.total.tolist() == [3.0]
     with pytest.raises(ValueError):
         reduce_in_order({})
+
+
+def test_split_equals_torch_random_split():
+    """The reference implementation splits with torch.utils.data.random_split(dataset,
+    [int(frac·n), rest], generator seeded with the data seed); compare indices with it
+    directly rather than with a copy of our own formula."""
+    p = 113
+    full = modular_addition(p, 0.3, 0, "all")
+    n_train = int(0.3 * p * p)
+    tr, te = torch.utils.data.random_split(range(p * p), [n_train, p * p - n_train],
+                                           generator=torch.Generator().manual_seed(0))
+    assert torch.equal(modular_addition(p, 0.3, 0, "train").inputs, full.inputs[list(tr)])
+    assert torch.equal(modular_addition(p, 0.3, 0, "test").inputs, full.inputs[list(te)])

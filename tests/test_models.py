@@ -143,3 +143,74 @@ def test_wrong_shaped_checkpoint(tmp_path):
         load_model(path, "ribray", torch.float64)
     with pytest.raises(CheckpointError, match="not found"):
         load_model(tmp_path / "nope.pt", "ribray", torch.float64)
+
+
+def _tl_files(tmp_path, model: Transformer, **model_cfg) -> tuple:
+    """A TransformerLens-format state dict and reference-style config.yaml in tmp_path."""
+    import yaml
+
+    path = tmp_path / "model.pt"
+    torch.save(model.tl_state_dict(), path)
+    cfg = {**model.cfg.to_dict(), "normalization_type": None, **model_cfg}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": cfg}))
+    return path, tmp_path / "config.yaml"
+
+
+def test_tlens_loader_round_trip_and_refusals(tmp_path):
+    """The TransformerLens path a user takes with the reference checkpoints, without them:
+    a round trip reproduces the logits; layer norm, other TL options and bad activations are
+    refused with a CheckpointError instead of being analysed as a different model."""
+    model = random_transformer(9)
+    path, _ = _tl_files(tmp_path, model)
+    loaded, _ = load_model(path, "tlens", torch.float64)
+    tokens = torch.randint(0, 10, (5, 4), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert rel_err(loaded(tokens), model(tokens)) < TOL
+    # TransformerLens's default normalization_type (absent key) is layer norm
+    import yaml
+
+    cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del cfg["model"]["normalization_type"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CheckpointError, match="normalization_type"):
+        load_model(path, "tlens", torch.float64)
+    _tl_files(tmp_path, model, positional_embedding_type="rotary")
+    with pytest.raises(CheckpointError, match="positional_embedding_type"):
+        load_model(path, "tlens", torch.float64)
+    _tl_files(tmp_path, model)  # a valid config again, but layer-norm weights in the file
+    sd = model.tl_state_dict()
+    sd["blocks.0.ln1.w"] = torch.ones(8)
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match="layer norm"):
+        load_model(path, "tlens", torch.float64)
+    (tmp_path / "config.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(CheckpointError, match="not valid YAML"):
+        load_model(path, "tlens", torch.float64)
+
+
+def test_unsupported_activation_is_a_checkpoint_error(tmp_path):
+    from ribray.checkpoints import save_mlp
+
+    path = tmp_path / "mlp.pt"
+    save_mlp(path, MLP([3, 4, 2]))
+    obj = torch.load(path, weights_only=True)
+    obj["config"]["act_fn"] = "tanh"
+    torch.save(obj, path)
+    with pytest.raises(CheckpointError, match="act_fn"):
+        load_model(path, "ribray", torch.float64)
+
+
+def test_reference_mlp_format_round_trip(tmp_path):
+    import yaml
+
+    gen = torch.Generator().manual_seed(4)
+    model = MLP([5, 6, 3], act_fn="gelu", dtype=torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {"activation_fn": "gelu"}}))
+    loaded, _ = load_model(tmp_path / "m.pt", "reference-mlp", torch.float64)
+    x = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(loaded(x), model(x)) < TOL and loaded.act_fn == "gelu"

@@ -85,11 +85,12 @@ def expected_points(rule: str, n: int) -> list[tuple[float, float]]:
     raise AssertionError(rule)
 
 
-@pytest.mark.parametrize("rule,n", [("gradient", 0), ("gradient", 5), ("trapezoidal", 0),
+@pytest.mark.parametrize("rule,n", [("gradient", 0), ("trapezoidal", 0),
                                     ("trapezoidal", 1), ("trapezoidal", 3),
                                     ("trapezoidal", 10), ("gauss-legendre", 0),
                                     ("gauss-legendre", 1), ("gauss-legendre", 2)])
 def test_integration_points_match_hand_written(rule, n):
+    """Points and weights against values written out here (gradient takes no n)."""
     got = sorted((p.alpha, p.weight) for p in integration_points(rule, n))
     want = expected_points(rule, n)
     assert len(got) == len(want)
@@ -367,7 +368,7 @@ def test_edge_partial_matches_naive(model_name, layer, nxt, rule, n):
 
 
 def test_naive_reference_is_sensitive():
-    """The comparison would notice a transposed C or a dropped constant scaling."""
+    """The comparison would notice a transposed C, and a change of integration rule."""
     model, inputs = MODELS["transformer-all"]()
     points = integration_points("gauss-legendre", 2)
     C = random_matrix(9, 9, seed=11)

@@ -112,7 +112,7 @@ class Pca:
 
     @property
     def R(self) -> np.ndarray:
-        return self.Y @ self.U / np.sqrt(self.D)
+        return self.W / np.sqrt(self.D)
 
     @property
     def R_pinv(self) -> np.ndarray:

@@ -93,8 +93,7 @@ def edge_partial(model: SequentialModel, inputs: Tensor, layer: str, next_layer:
         f_hat = x @ Ci
         jac = integrated_jacobian(fn_hat, f_hat, points)
         check_finite(jac, f"gradients from {next_layer} into {layer}")
-        t_out = jac.shape[0] // Co.shape[1]
-        part = edge_sum(jac, f_hat, t_out)
+        part = edge_sum(jac, f_hat)
         total = part if total is None else total + part
         count += x.shape[0] * x.shape[1]
     assert total is not None

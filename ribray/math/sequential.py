@@ -26,8 +26,6 @@ Conventions (match the reference implementation, see docs/algorithm.md):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
@@ -153,14 +151,15 @@ class TokenEmbed(nn.Module):
 
 
 class VectorInput(nn.Module):
-    """features (batch, d) -> (batch, 1, d + 1) in the model's dtype."""
+    """features (batch, d) -> (batch, 1, d + 1), cast to the dtype of ``like`` (the first
+    layer's weight, so ``model.to(dtype)`` carries the cast along)."""
 
-    def __init__(self, dtype: torch.dtype):
+    def __init__(self, like: Tensor):
         super().__init__()
-        self.dtype = dtype
+        self.like = like
 
     def forward(self, x: Tensor) -> Tensor:
-        return append_const(x.to(self.dtype)).unsqueeze(1)
+        return append_const(x.to(self.like.dtype)).unsqueeze(1)
 
 
 class SequentialModel(nn.Module):
@@ -185,8 +184,9 @@ class SequentialModel(nn.Module):
                            f"{', '.join(self.names)}") from None
 
     @staticmethod
-    def has_const(name: str) -> bool:
-        return name != "output"
+    def const_index(name: str, width: int) -> int | None:
+        """Raw index of a node layer's constant coordinate (the last); None for ``output``."""
+        return None if name == "output" else width - 1
 
     def check_order(self, names: list[str]) -> None:
         """Node layers must exist, be distinct and appear in model order (KeyError/ValueError)."""
@@ -218,10 +218,6 @@ class SequentialModel(nn.Module):
             x = step(x)
         return x
 
-    def section(self, start: str, stop: str) -> Callable[[Tensor], Tensor]:
-        """The function from node layer ``start`` to node layer ``stop``."""
-        return lambda x: self.run(x, start, stop)
-
     def forward(self, inputs: Tensor) -> Tensor:
         return self.run(self.embed(inputs), self.names[0], "output")
 
@@ -233,8 +229,8 @@ class SequentialModel(nn.Module):
         for i in range(last + 1):
             if self.names[i] in wanted:
                 out[self.names[i]] = x
-            if i < len(self.steps):
-                x = self.steps[i](x) if i < last else x
+            if i < last:
+                x = self.steps[i](x)
         return out
 
 
@@ -264,7 +260,7 @@ def mlp_to_sequential(model: MLP) -> SequentialModel:
         steps: list[Step] = [
             Affine(f"layers.{i}", layer.W, layer.b, model.act_fn if i < n - 1 else None)
             for i, layer in enumerate(model.layers)]
-    return SequentialModel(VectorInput(model.layers[0].W.dtype), steps)
+    return SequentialModel(VectorInput(steps[0].W), steps)
 
 
 def to_sequential(model: Transformer | MLP, last_pos_only: bool = True) -> SequentialModel:
