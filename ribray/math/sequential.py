@@ -84,13 +84,14 @@ class Attention(Step):
         self.last_pos_only = last_pos_only
 
     def forward(self, x: Tensor) -> Tensor:
-        resid, const = x[..., :-1], x[..., -1:]
-        q = torch.einsum("bpd,hdk->bphk", x, self.W_Q)
+        # with last_pos_only, queries (and the residual) are needed at the last position only
+        xq = x[:, -1:] if self.last_pos_only else x
+        resid, const = xq[..., :-1], xq[..., -1:]
+        q = torch.einsum("bpd,hdk->bphk", xq, self.W_Q)
         k = torch.einsum("bpd,hdk->bphk", x, self.W_K)
         v = torch.einsum("bpd,hdk->bphk", x, self.W_V)
         resid = resid + attend(q, k, v, self.W_O) + const * self.b_O
-        out = torch.cat([resid, const], dim=-1)
-        return out[:, -1:] if self.last_pos_only else out
+        return torch.cat([resid, const], dim=-1)
 
 
 class MlpIn(Step):
