@@ -114,7 +114,9 @@ def show(
     for row in s["layers"]:
         lam = ", ".join(f"{v:.3g}" for v in row.get("top_lambdas", [])[:3])
         const = row.get("const_lambda")
-        t.add_row(escape(row["layer"]), str(row.get("width") or ""), str(row.get("features") or ""),
+        width, feats = row.get("width"), row.get("features")
+        t.add_row(escape(row["layer"]), "" if width is None else str(width),
+                  "" if feats is None else str(feats),
                   "" if const is None else f"{const:.3g}", lam,
                   "yes" if row["complete"] else "no")
     out.print(t)

@@ -34,37 +34,36 @@ class Dataset:
         return Dataset(self.inputs[start:stop], self.labels[start:stop])
 
 
-def modular_addition(p: int, frac_train: float, seed: int, split: str) -> Dataset:
-    """The modular-addition data set (see module docstring). split: train | test | all."""
+def _split(data: Dataset, frac_train: float, seed: int, split: str) -> Dataset:
+    """train: the first int(frac_train·n) samples of a permutation seeded with ``seed``; test:
+    the rest, in that order; all: everything in the original order."""
     if split not in ("train", "test", "all"):
         raise ValueError(f"split must be train, test or all, got {split!r}")
+    if split == "all":
+        return data
+    n = len(data)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_train = int(frac_train * n)
+    idx = perm[:n_train] if split == "train" else perm[n_train:]
+    return Dataset(data.inputs[idx], data.labels[idx])
+
+
+def modular_addition(p: int, frac_train: float, seed: int, split: str) -> Dataset:
+    """The modular-addition data set (see module docstring). split: train | test | all."""
     x = torch.arange(p).repeat_interleave(p)  # row-major: (0,0), (0,1), ...
     y = torch.arange(p).repeat(p)
     tokens = torch.stack([x, y, torch.full_like(x, p)], dim=1)
-    labels = (x + y) % p
-    if split == "all":
-        return Dataset(tokens, labels)
-    perm = torch.randperm(p * p, generator=torch.Generator().manual_seed(seed))
-    n_train = int(frac_train * p * p)
-    idx = perm[:n_train] if split == "train" else perm[n_train:]
-    return Dataset(tokens[idx], labels[idx])
+    return _split(Dataset(tokens, (x + y) % p), frac_train, seed, split)
 
 
 def digits(frac_train: float, seed: int, split: str) -> Dataset:
     """scikit-learn's bundled digits (no download), pixels scaled to [0, 1], seeded split."""
     from sklearn.datasets import load_digits
 
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"split must be train, test or all, got {split!r}")
     bunch = load_digits()
     inputs = torch.tensor(bunch.data, dtype=torch.float64) / 16.0
     labels = torch.tensor(bunch.target, dtype=torch.int64)
-    if split == "all":
-        return Dataset(inputs, labels)
-    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    n_train = int(frac_train * len(labels))
-    idx = perm[:n_train] if split == "train" else perm[n_train:]
-    return Dataset(inputs[idx], labels[idx])
+    return _split(Dataset(inputs, labels), frac_train, seed, split)
 
 
 def shard_ranges(n_samples: int, shard_size: int) -> list[tuple[int, int]]:

@@ -43,7 +43,9 @@ Log = Callable[[str], None]
 MAX_RESTARTS = 8
 
 
-def _first_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the last line of its message (Ray appends the
+    remote traceback above the cause)."""
     lines = [ln for ln in str(exc).splitlines() if ln.strip()]
     return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
 
@@ -237,7 +239,7 @@ def run_job(job: JobSpec, out: Path, address: str | None = None, overwrite: bool
         try:
             devices = ray.get([w.ready.remote() for w in workers])  # models loaded first
         except ray.exceptions.RayError as exc:
-            raise WorkerError(f"a worker failed to start: {_first_line(exc)}") from None
+            raise WorkerError(f"a worker failed to start: {_one_line(exc)}") from None
         t_workers = time.perf_counter()
         shards = shard_ranges(info["n_samples"], job.ray.shard_size)
         log(f"{job.name}: {info['n_samples']} samples in {len(shards)} shards on {n_workers} "

@@ -48,10 +48,6 @@ class BasisSettings:
     compute_edges: bool
 
 
-def _const_index(layer: str, width: int) -> int | None:
-    return SequentialModel.const_index(layer, width)
-
-
 def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: BasisSettings,
         sink: Sink, log: Callable[[str], None] = lambda s: None) -> dict[str, float]:
     """Run the whole recursion; returns seconds per phase."""
@@ -64,7 +60,7 @@ def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: B
         m = moments[n]
         cov = m.covariance()
         stats[n] = (m.mean, cov)
-        gram = bases.centred_gram(cov, _const_index(n, widths[n]))
+        gram = bases.centred_gram(cov, SequentialModel.const_index(n, widths[n]))
         sink.gram(n, m.mean, gram, m.count)
     timings["gram"] = time.perf_counter() - t0
     log(f"gram: {len(layers)} node layers, {timings['gram']:.1f}s")
@@ -94,7 +90,7 @@ def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: B
 def _final_basis(final: str, widths: dict[str, int], stats: dict, settings: BasisSettings
                  ) -> bases.Basis:
     mean, cov = stats[final]
-    const = _const_index(final, widths[final])
+    const = SequentialModel.const_index(final, widths[final])
     if not settings.rotate_final:
         return bases.unrotated_basis(cov, const)
     if const is None:
@@ -107,7 +103,7 @@ def _layer_basis(backend: Backend, layer: str, nxt: str, final: str, widths: dic
                  stats: dict, settings: BasisSettings, done: dict[str, bases.Basis]
                  ) -> bases.Basis:
     mean, cov = stats[layer]
-    const = _const_index(layer, widths[layer])
+    const = SequentialModel.const_index(layer, widths[layer])
     if settings.kind == "neuron":
         return bases.unrotated_basis(cov, const)
     assert const is not None, "only the final node layer may be `output`"
