@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from ribray.checkpoints import load_model
-from ribray.config import DigitsData, JobSpec, ModAddData
-from ribray.data import Dataset, digits, modular_addition
+from ribray.config import DigitsData, JobSpec, ModAddData, NpzData
+from ribray.data import Dataset, digits, modular_addition, npz
 from ribray.math.jacobian import integration_points
 from ribray.math.sequential import SequentialModel, to_sequential
 from ribray.pipeline import BasisSettings
@@ -27,11 +27,17 @@ def load_sequential(job: JobSpec) -> SequentialModel:
 
 
 def load_data(job: JobSpec) -> Dataset:
-    d = job.data
+    return load_dataset(job.data)
+
+
+def load_dataset(d: ModAddData | DigitsData | NpzData) -> Dataset:
+    """The samples a data spec selects (raises ValueError for an unreadable npz file)."""
     if isinstance(d, ModAddData):
         ds = modular_addition(d.modulus, d.frac_train, d.seed, d.split)
     elif isinstance(d, DigitsData):
         ds = digits(d.frac_train, d.seed, d.split)
+    elif isinstance(d, NpzData):
+        ds = npz(d.path)
     else:  # pragma: no cover - pydantic guarantees one of the above
         raise TypeError(type(d))
     if d.n_samples is not None:

@@ -128,6 +128,98 @@ def show(
         out.print(te)
     if s["timings"]:
         out.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["timings"].items()))
+    if s.get("analysis"):
+        _show_analysis(s["analysis"])
+
+
+def _show_analysis(a: dict) -> None:
+    head = f"analysis: status {a.get('status')}"
+    if a.get("base_score") is not None:
+        head += (f", {a.get('score_kind')} {a['base_score']:.6g} unablated on "
+                 f"{a.get('n_samples')} samples (tolerance {a.get('tolerance'):g})")
+    out.print(head)
+    if a.get("edge_ablation"):
+        t = Table("layer pair", "edges required", "of", "ε", "evaluations")
+        for e in a["edge_ablation"]:
+            eps = e.get("epsilon")
+            t.add_row(escape(e["edge"]), str(e["edges_required"]), str(e["n_candidates"]),
+                      "" if eps is None else f"{eps:.4g}", str(e["evaluations"]))
+        out.print(t)
+    for m in a.get("modularity", []):
+        out.print(f"modularity γ={m['resolution']:g}: Q = {m['modularity']:.4f}, "
+                  f"{m['n_modules']} modules")
+    if a.get("node_ablation"):
+        out.print("node ablation: " + ", ".join(f"{n['layer']} ({n['points']} points)"
+                                                for n in a["node_ablation"]))
+    if a.get("labels"):
+        out.print("Fourier labels: " + ", ".join(a["labels"]))
+
+
+@app.command()
+def analyze(
+    store: Annotated[Path, typer.Argument(help="complete Zarr store written by `ribray submit`")],
+    job_file: Annotated[Path | None, typer.Option("--job", help="analysis YAML (default: all "
+                                                                "defaults, see docs/analysis.md)"
+                                                  )] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address; default: start a "
+                                                     "local instance", envvar="RAY_ADDRESS",
+                                                show_envvar=True)] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace the store's existing analysis")] = False,
+    report_dir: Annotated[Path | None, typer.Option("--report", help="folder for plots and "
+                                                                     "report.html")] = None,
+    dashboard: Annotated[bool, typer.Option(help="start the Ray dashboard (127.0.0.1) with a "
+                                                 "local instance")] = True,
+) -> None:
+    """Ablations, bisect search, Leiden modules, labels, plots and an HTML report of a store."""
+    from ribray.analyze import run_analysis
+    from ribray.config import AnalysisSpec, JobFileError, load_analysis
+    from ribray.orchestrate import PreflightError
+    from ribray.store import StoreError
+
+    where = str(job_file) if job_file else str(store)
+    try:
+        spec = load_analysis(job_file) if job_file else AnalysisSpec()
+    except JobFileError as exc:
+        raise _fail(str(exc)) from None
+    log = lambda s: err.print(s, markup=False)  # noqa: E731
+    try:
+        run_analysis(store, spec, address=address, overwrite=overwrite, dashboard=dashboard,
+                     log=log)
+    except StoreError as exc:
+        raise _fail(str(exc)) from None
+    except PreflightError as exc:
+        raise _fail(f"{where}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - one line; analysis/ says failed
+        raise _fail(f"{store}: analysis failed: {type(exc).__name__}: {exc}", 1) from None
+    if spec.plots.enabled:
+        from ribray.report import write_report
+
+        folder = report_dir or (Path(spec.report) if spec.report else default_report_dir(store))
+        page = write_report(store, folder, spec.plots, log=log)
+        out.print(f"report: {page}")
+    out.print(f"wrote {store}/analysis")
+
+
+def default_report_dir(store: Path) -> Path:
+    """STORE_NAME-report beside the store (``results/x.zarr`` -> ``results/x-report``)."""
+    name = store.name[:-5] if store.name.endswith(".zarr") else store.name
+    return store.parent / f"{name}-report"
+
+
+@app.command()
+def compare(
+    stores: Annotated[list[Path], typer.Argument(help="analysed stores (LIB, PCA, ...)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="folder for the comparison plots")],
+) -> None:
+    """Edges required per layer (bar chart) and ablation curves of several analysed stores."""
+    from ribray.report import write_comparison
+    from ribray.store import StoreError
+
+    try:
+        page = write_comparison(stores, out_dir)
+    except StoreError as exc:
+        raise _fail(str(exc)) from None
+    out.print(f"comparison: {page}")
 
 
 @app.command()

@@ -47,6 +47,17 @@ class DigitsData(Strict):
     n_samples: Annotated[int | None, Field(ge=1)] = None
 
 
+class NpzData(Strict):
+    """Inputs and labels from a ``.npz`` file (arrays ``inputs`` and ``labels``; no pickles)."""
+
+    kind: Literal["npz"] = "npz"
+    path: str = Field(description=".npz file with arrays `inputs` and `labels`")
+    n_samples: Annotated[int | None, Field(ge=1)] = None
+
+
+DataSpec = Annotated[ModAddData | DigitsData | NpzData, Field(discriminator="kind")]
+
+
 class Integration(Strict):
     rule: Literal["gradient", "trapezoidal", "gauss-legendre"] = "gradient"
     n: Annotated[int, Field(ge=0, description="intervals (trapezoidal) or nodes - 1 "
@@ -96,7 +107,7 @@ class RaySpec(Strict):
 class JobSpec(Strict):
     name: str
     model: ModelSpec
-    data: Annotated[ModAddData | DigitsData, Field(discriminator="kind")]
+    data: DataSpec
     basis: BasisSpec
     edges: EdgesSpec = EdgesSpec()
     ray: RaySpec = RaySpec()
@@ -112,12 +123,11 @@ class JobFileError(ValueError):
 
 
 def _loc(err: dict) -> str:
-    parts = [str(p) for p in err.get("loc", ()) if p not in ("modular-addition", "digits")]
+    parts = [str(p) for p in err.get("loc", ()) if p not in ("modular-addition", "digits", "npz")]
     return ".".join(parts) or "(top level)"
 
 
-def load_job(path: str | Path) -> JobSpec:
-    """Read and validate a job file; raises :class:`JobFileError` with one clear line."""
+def _load(path: str | Path, model: type[BaseModel]):
     path = Path(path)
     if not path.is_file():
         raise JobFileError(f"{path}: job file not found")
@@ -128,12 +138,102 @@ def load_job(path: str | Path) -> JobSpec:
         where = f"line {mark.line + 1}" if mark else "?"
         raise JobFileError(f"{path}: {where}: not valid YAML ({getattr(exc, 'problem', exc)})"
                            ) from None
+    if raw is None and model is AnalysisSpec:
+        raw = {}
     if not isinstance(raw, dict):
         raise JobFileError(f"{path}: (top level): expected a mapping of fields")
     try:
-        return JobSpec.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
         msg = err["msg"].removeprefix("Value error, ")
         raise JobFileError(f"{path}: field {_loc(err)}: {msg}{more}") from None
+
+
+def load_job(path: str | Path) -> JobSpec:
+    """Read and validate a job file; raises :class:`JobFileError` with one clear line."""
+    return _load(path, JobSpec)
+
+
+# --- the analysis job (``ribray analyze``) -------------------------------------------------
+
+
+class ScoreSpec(Strict):
+    kind: Literal["accuracy", "ce_loss"] = Field(
+        "accuracy", description="accuracy (classifiers) or ce_loss (cross-entropy, nats)")
+    tolerance: Annotated[float | None, Field(ge=0, description=(
+        "allowed change from the unablated score: accuracy may drop by this fraction "
+        "(0.001 = 0.1 percentage point), ce_loss may rise by this many nats; default 0.001 "
+        "for accuracy, 0.1 for ce_loss (the paper's targets)"))] = None
+
+    @property
+    def resolved_tolerance(self) -> float:
+        if self.tolerance is not None:
+            return self.tolerance
+        return 0.001 if self.kind == "accuracy" else 0.1
+
+
+class EdgeAblationSpec(Strict):
+    enabled: bool = True
+    probes_per_round: Annotated[int, Field(ge=1, le=64, description=(
+        "counts evaluated per round of the search for each layer pair (1: bisection); the "
+        "result depends on this, never on the number of workers"))] = 1
+
+
+class NodeAblationSpec(Strict):
+    enabled: bool = True
+    points: Annotated[int | None, Field(ge=2, description=(
+        "kept-feature counts per layer, log-spaced from 1 to all; default: every count"))] = None
+
+
+class ModularitySpec(Strict):
+    enabled: bool = True
+    resolutions: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)] = [1.0, 0.5]
+    seed: int = 0
+
+
+class LabelsSpec(Strict):
+    fourier: Literal["auto", "on", "off"] = Field(
+        "auto", description="Fourier labels of appendix F; auto: for modular-addition data")
+    top: Annotated[int, Field(ge=1, le=10)] = 3
+
+
+class PlotsSpec(Strict):
+    enabled: bool = True
+    formats: Annotated[list[Literal["png", "svg"]], Field(min_length=1)] = ["png", "svg"]
+    edge_width: Literal["sqrt", "squared"] = Field(
+        "sqrt", description="edge line width proportional to sqrt(E) or E^2")
+    merge_output: bool = Field(False, description="draw the last node layer as one node")
+    max_nodes_per_layer: Annotated[int, Field(ge=1)] = 60
+
+
+class AnalysisRaySpec(Strict):
+    num_workers: Annotated[int | None, Field(ge=1)] = None
+    cpus_per_worker: Annotated[float, Field(gt=0)] = 1
+    gpus_per_worker: Annotated[float | None, Field(ge=0)] = None
+    batch_size: Annotated[int, Field(ge=1, description="samples per forward pass")] = 2048
+
+
+class AnalysisSpec(Strict):
+    """``ribray analyze`` settings; every field has a default (an empty file is valid)."""
+
+    name: str | None = None
+    node_layers: Annotated[list[str] | None, Field(description=(
+        "consecutive node layers of the store to analyse; default: all of them"))] = None
+    data: dict = Field(default_factory=dict, description=(
+        "fields merged over the store's data spec; default: split test where there is one"))
+    score: ScoreSpec = ScoreSpec()
+    edge_ablation: EdgeAblationSpec = EdgeAblationSpec()
+    node_ablation: NodeAblationSpec = NodeAblationSpec()
+    modularity: ModularitySpec = ModularitySpec()
+    labels: LabelsSpec = LabelsSpec()
+    plots: PlotsSpec = PlotsSpec()
+    ray: AnalysisRaySpec = AnalysisRaySpec()
+    report: str | None = Field(None, description="folder for plots and report.html; default: "
+                                                 "beside the store, STORE_NAME-report")
+
+
+def load_analysis(path: str | Path) -> AnalysisSpec:
+    """Read and validate an analysis job file (one clear line on error)."""
+    return _load(path, AnalysisSpec)

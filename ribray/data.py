@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -64,6 +65,21 @@ def digits(frac_train: float, seed: int, split: str) -> Dataset:
     inputs = torch.tensor(bunch.data, dtype=torch.float64) / 16.0
     labels = torch.tensor(bunch.target, dtype=torch.int64)
     return _split(Dataset(inputs, labels), frac_train, seed, split)
+
+
+def npz(path: str) -> Dataset:
+    """Arrays ``inputs`` (float features or int64 tokens) and ``labels`` (integers) of a
+    ``.npz`` file, read without pickles."""
+    with np.load(path, allow_pickle=False) as f:
+        missing = {"inputs", "labels"} - set(f.files)
+        if missing:
+            raise ValueError(f"{path}: no array {sorted(missing)[0]!r} (has {sorted(f.files)})")
+        inputs, labels = torch.from_numpy(f["inputs"]), torch.from_numpy(f["labels"])
+    if inputs.shape[0] != labels.shape[0]:
+        raise ValueError(f"{path}: {inputs.shape[0]} inputs but {labels.shape[0]} labels")
+    if inputs.is_floating_point():
+        inputs = inputs.double()
+    return Dataset(inputs, labels.long())
 
 
 def shard_ranges(n_samples: int, shard_size: int) -> list[tuple[int, int]]:

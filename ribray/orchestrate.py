@@ -186,7 +186,10 @@ def check_job(job: JobSpec) -> dict[str, Any]:
         model.check_order(layers)
     except (KeyError, ValueError) as exc:
         raise PreflightError("basis.node_layers", exc.args[0]) from None
-    data = load_data(job)
+    try:
+        data = load_data(job)
+    except (OSError, ValueError) as exc:  # an npz file that is missing or malformed
+        raise PreflightError("data.path", str(exc)) from None
     if len(data) == 0:
         raise PreflightError("data", "the data set selection is empty")
     if isinstance(job.data, ModAddData) and isinstance(model.embed, TokenEmbed):

@@ -156,4 +156,130 @@ def summary(root: zarr.Group) -> dict[str, Any]:
                           "max": float(E.max()) if E.size else 0.0})
     return {"status": attrs.get("status"), "basis": attrs.get("basis"),
             "name": attrs.get("config", {}).get("name"), "timings": attrs.get("timings", {}),
-            "layers": layers, "edges": edges}
+            "layers": layers, "edges": edges, "analysis": analysis_summary(root)}
+
+
+# --- the analysis group (``ribray analyze``) ----------------------------------------------
+
+ANALYSIS = "analysis"
+
+
+def resolution_group(gamma: float) -> str:
+    return f"{ANALYSIS}/modularity/resolution-{gamma:g}"
+
+
+class AnalysisWriter:
+    """Writes ``analysis/`` into a complete LIB store, leaving everything else untouched.
+
+    ``analysis.attrs.status`` is ``running`` while it writes, then ``complete`` or ``failed``.
+    An existing analysis is replaced only when ``overwrite`` is given (it is derived data, but
+    a researcher may have annotated it).
+    """
+
+    def __init__(self, path: Path, attrs: dict[str, Any], overwrite: bool = False):
+        self.path = Path(path)
+        check_analysis_target(self.path, overwrite)
+        self.root = zarr.open_group(str(self.path), mode="r+")
+        if ANALYSIS in self.root:
+            del self.root[ANALYSIS]
+        self.group = self.root.create_group(ANALYSIS)
+        self.group.attrs.update({"ribray_version": __version__, "status": "running",
+                                 "timings": {}, **attrs})
+
+    def _array(self, group: zarr.Group, name: str, data: np.ndarray, dims: list[str]) -> None:
+        data = np.ascontiguousarray(data)
+        arr = group.create_array(name, shape=data.shape, dtype=data.dtype,
+                                 chunks=tuple(min(s, 1024) for s in data.shape) or None,
+                                 dimension_names=dims, overwrite=True)
+        arr[...] = data
+
+    def base(self, score: float, n_samples: int) -> None:
+        self.group.attrs.update({"base_score": float(score), "n_samples": int(n_samples)})
+
+    def edge_ablation(self, in_layer: str, out_layer: str, n_kept: np.ndarray,
+                      score: np.ndarray, passed: np.ndarray, keep: np.ndarray,
+                      attrs: dict[str, Any]) -> None:
+        g = self.group.require_group(f"edge_ablation/{in_layer}--{out_layer}")
+        self._array(g, "n_kept", n_kept.astype(np.int64), ["probe"])
+        self._array(g, "score", score.astype(np.float64), ["probe"])
+        self._array(g, "passed", passed.astype(bool), ["probe"])
+        self._array(g, "keep", keep.astype(bool), ["out_feature", "in_feature"])
+        g.attrs.update({"in_layer": in_layer, "out_layer": out_layer, **attrs})
+
+    def node_ablation(self, layer: str, n_kept: np.ndarray, score: np.ndarray) -> None:
+        g = self.group.require_group(f"node_ablation/{layer}")
+        self._array(g, "n_kept", n_kept.astype(np.int64), ["point"])
+        self._array(g, "score", score.astype(np.float64), ["point"])
+        g.attrs.update({"layer": layer})
+
+    def modularity(self, gamma: float, modules: dict[str, np.ndarray],
+                   attrs: dict[str, Any]) -> None:
+        g = self.root.require_group(resolution_group(gamma))
+        for layer, module in modules.items():
+            self._array(g.require_group(layer), "module", module.astype(np.int64), ["feature"])
+        g.attrs.update({"resolution": float(gamma), **attrs})
+
+    def labels(self, layer: str, group_power: np.ndarray, labels: list[list[str]],
+               explained: np.ndarray, p: int) -> None:
+        g = self.group.require_group(f"labels/{layer}")
+        self._array(g, "group_power", group_power.astype(np.float64),
+                    ["position", "feature", "k_x", "k_y"])
+        self._array(g, "explained", explained.astype(np.float64), ["position", "feature"])
+        g.attrs.update({"layer": layer, "modulus": int(p), "labels": labels})
+
+    def finish(self, attrs: dict[str, Any]) -> None:
+        self.group.attrs.update({**attrs, "status": "complete"})
+
+    def fail(self, reason: str) -> None:
+        self.group.attrs.update({"status": "failed", "error": reason})
+
+
+def check_analysis_target(path: Path, overwrite: bool) -> zarr.Group:
+    """The store at ``path`` must be a complete ribray store; an analysis already in it is
+    refused unless ``overwrite``. Changes nothing; raises :class:`StoreError`."""
+    root = open_store(path)
+    status = root.attrs.get("status")
+    if status != "complete":
+        raise StoreError(f"{path}: the store's status is {status!r}; only a complete store can "
+                         f"be analysed")
+    if ANALYSIS in root and not overwrite:
+        raise StoreError(f"{path}: the store has an analysis already; pass --overwrite to "
+                         f"replace it")
+    return root
+
+
+def analysis_summary(root: zarr.Group) -> dict[str, Any] | None:
+    """Machine-readable summary of ``analysis/`` (None when the store has none)."""
+    if ANALYSIS not in root:
+        return None
+    g = root[ANALYSIS]
+    attrs = dict(g.attrs)
+    out: dict[str, Any] = {k: attrs.get(k) for k in (
+        "status", "score_kind", "tolerance", "base_score", "n_samples", "node_layers", "data",
+        "timings", "error") if k in attrs}
+    edges = []
+    if "edge_ablation" in g:
+        for name, sub in sorted(g["edge_ablation"].groups()):
+            a = dict(sub.attrs)
+            edges.append({"edge": name, "edges_required": a.get("edges_required"),
+                          "n_candidates": a.get("n_candidates"), "epsilon": a.get("epsilon"),
+                          "evaluations": int(sub["n_kept"].shape[0])})
+    out["edge_ablation"] = edges
+    nodes = []
+    if "node_ablation" in g:
+        for name, sub in sorted(g["node_ablation"].groups()):
+            n_kept, score = np.asarray(sub["n_kept"][...]), np.asarray(sub["score"][...])
+            nodes.append({"layer": name, "points": int(n_kept.size),
+                          "n_features": int(n_kept.max()) if n_kept.size else 0,
+                          "score_all_kept": float(score[np.argmax(n_kept)]) if n_kept.size
+                          else None})
+    out["node_ablation"] = nodes
+    mods = []
+    if "modularity" in g:
+        for _, sub in sorted(g["modularity"].groups()):
+            a = dict(sub.attrs)
+            mods.append({"resolution": a.get("resolution"), "modularity": a.get("modularity"),
+                         "n_modules": a.get("n_modules"), "seed": a.get("seed")})
+    out["modularity"] = sorted(mods, key=lambda m: -(m["resolution"] or 0))
+    out["labels"] = sorted(name for name, _ in g["labels"].groups()) if "labels" in g else []
+    return out
