@@ -90,3 +90,54 @@ def write_job(path: Path, **overrides) -> Path:
         node[leaf] = value
     path.write_text(yaml.safe_dump(job))
     return path
+
+
+@pytest.fixture(scope="session")
+def fitted_ckpt(small_transformer_ckpt, tmp_path_factory) -> Path:
+    """The small random transformer fitted (300 Adam steps, ~1 s) to all p = 13 pairs, so
+    the ablation searches keep a non-trivial graph (a random model is at chance, and every
+    edge could be ablated)."""
+    from ribray.checkpoints import load_model, save_transformer
+    from ribray.data import modular_addition
+
+    torch.manual_seed(0)
+    model, _ = load_model(small_transformer_ckpt, "ribray", torch.float32)
+    data = modular_addition(13, 0.5, 0, "all")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        logits = model(data.inputs, last_pos_only=True)[:, -1]
+        loss = torch.nn.functional.cross_entropy(logits, data.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = tmp_path_factory.mktemp("fitted") / "fitted-modadd.pt"
+    save_transformer(path, model, {"note": "fitted for tests"})
+    return path
+
+
+def analysed_store(kind: str, ckpt: Path, root: Path) -> Path:
+    """A complete store of ``ckpt`` (basis ``kind``, all p = 13 pairs) with its analysis."""
+    from ribray.analyze import run_analysis
+    from ribray.config import AnalysisSpec, load_job
+    from ribray.orchestrate import run_job
+
+    job = load_job(write_job(root / "job.yaml", **{
+        "name": f"test-{kind}", "model.path": str(ckpt), "basis.kind": kind,
+        "data.split": "all"}))
+    store = root / "store.zarr"
+    run_job(job, store, dashboard=False, log=lambda s: None)
+    spec = AnalysisSpec(data={"split": "all"}, ray={"num_workers": 1})  # tiny evaluations
+    run_analysis(store, spec, dashboard=False, log=lambda s: None)
+    return store
+
+
+@pytest.fixture(scope="session")
+def analysed_lib_store(ray_local, fitted_ckpt, tmp_path_factory) -> Path:
+    """A complete, analysed LIB store (layers ln1.0, ln2.0, unembed, output); read only."""
+    return analysed_store("lib", fitted_ckpt, tmp_path_factory.mktemp("lib"))
+
+
+@pytest.fixture(scope="session")
+def analysed_pca_store(ray_local, fitted_ckpt, tmp_path_factory) -> Path:
+    """The same model and job with basis.kind: pca, analysed; read only."""
+    return analysed_store("pca", fitted_ckpt, tmp_path_factory.mktemp("pca"))
