@@ -92,7 +92,8 @@ def resolve_data(spec: AnalysisSpec, job: JobSpec):
     merged = {**base, **spec.data}
     if "split" in base and "split" not in spec.data:
         merged["split"] = "test"
-    merged.pop("n_samples", None) if "n_samples" not in spec.data else None
+    if "n_samples" not in spec.data:  # the job's sample cap limited the basis data, not this
+        merged.pop("n_samples", None)
     try:
         return TypeAdapter(DataSpec).validate_python(merged)
     except ValidationError as exc:
@@ -306,9 +307,10 @@ def plan(store: Path, spec: AnalysisSpec, overwrite: bool) -> Plan:
     problem = model.input_problem(ds.inputs)
     if problem:
         raise PreflightError("data", problem)
-    labels_ok = spec.score.kind != "accuracy" or bool((ds.labels >= 0).all())
-    if not labels_ok:
-        raise PreflightError("data", "labels must be class indices")
+    n_classes = model.width("output")
+    if int(ds.labels.min()) < 0 or int(ds.labels.max()) >= n_classes:
+        raise PreflightError("data", f"labels span {int(ds.labels.min())}..{int(ds.labels.max())}"
+                                     f" but the model has {n_classes} outputs")
     fourier_p = None
     if spec.labels.fourier == "on" and not isinstance(data, ModAddData):
         raise PreflightError("labels.fourier", "Fourier labels need modular-addition data")
@@ -377,7 +379,10 @@ def run_analysis(store: Path, spec: AnalysisSpec, address: str | None = None,
         timings["modularity"] = time.perf_counter() - t
         t = time.perf_counter()
         if p.fourier_p is not None:
-            labels = ray.get(workers[0].fourier.remote(p.layers, p.fourier_p, spec.labels.top))
+            pool = Pool(workers)
+            pool.submit("labels", "fourier", p.layers, p.fourier_p, spec.labels.top,
+                        what="Fourier labels")
+            _, labels = pool.wait_one()
             for name, lab in labels.items():
                 writer.labels(name, lab["group_power"], lab["labels"], lab["explained"],
                               p.fourier_p)

@@ -232,11 +232,28 @@ def test_train_commands_write_loadable_checkpoints(tmp_path):
     assert saved["epochs"] == 20 and model.cfg.d_vocab == 8
 
 
-@pytest.mark.parametrize("job_file", sorted((ROOT / "jobs").rglob("*.yaml")),
-                         ids=lambda p: p.name)
+ANALYSIS_JOBS = sorted((ROOT / "jobs").rglob("*-analysis.yaml"))
+
+
+@pytest.mark.parametrize("job_file", sorted(set((ROOT / "jobs").rglob("*.yaml")) -
+                                            set(ANALYSIS_JOBS)), ids=lambda p: p.name)
 def test_shipped_job_files_validate(job_file, monkeypatch):
     if "reference" in job_file.parts and not SHARED.is_dir():
         pytest.skip("reference checkpoints not available")
     monkeypatch.chdir(ROOT)  # job files' relative paths resolve against the working directory
     res = runner.invoke(app, ["validate", str(job_file.relative_to(ROOT))])
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("job_file", ANALYSIS_JOBS, ids=lambda p: p.name)
+def test_shipped_analysis_jobs_fit_their_stores(job_file):
+    """Analysis jobs validate, and their node layers are consecutive node layers of the jobs
+    they are meant for (the reference modular-addition jobs)."""
+    from ribray.analyze import resolve_layers
+    from ribray.config import load_analysis, load_job
+
+    spec = load_analysis(job_file)
+    for job in sorted(job_file.parent.glob("modadd-seed*.yaml")):
+        assert resolve_layers(spec, load_job(job).basis.node_layers) == spec.node_layers
+    assert spec.score.kind == "accuracy" and spec.score.resolved_tolerance == 0.001
+    assert spec.data == {"split": "test"}
