@@ -29,11 +29,12 @@ import ray
 import torch
 from pydantic import TypeAdapter, ValidationError
 
-from ribray.build import load_dataset, load_sequential
+from ribray.build import fingerprint_file, load_dataset, load_sequential
 from ribray.checkpoints import CheckpointError
 from ribray.config import AnalysisSpec, DataSpec, JobSpec, ModAddData
 from ribray.data import modular_addition
 from ribray.math import ablation
+from ribray.math.lib import check_finite
 from ribray.math.modularity import LayerEdges, build_graph, leiden
 from ribray.math.sequential import SequentialModel
 from ribray.orchestrate import PreflightError, WorkerError, _one_line, connect
@@ -89,6 +90,8 @@ def resolve_data(spec: AnalysisSpec, job: JobSpec):
     """The evaluation data: the store's data spec with the analysis's fields merged over it;
     by default the held-out split (``split: test``) where the data set has one."""
     base = job.data.model_dump()
+    if spec.data.get("kind", base["kind"]) != base["kind"]:
+        base = {}  # another kind of data: nothing of the store's spec applies
     merged = {**base, **spec.data}
     if "split" in base and "split" not in spec.data:
         merged["split"] = "test"
@@ -184,6 +187,7 @@ class AblationCore:
 
     def _finish(self, x: torch.Tensor, start: str, s: slice) -> tuple[float, int]:
         logits = self.model.run(x, start, "output")[:, -1, :]
+        check_finite(logits, f"the logits of samples {s.start}..{s.stop - 1} (from {start})")
         return self.score_fn(logits, self.labels[s])
 
     @staticmethod
@@ -192,9 +196,9 @@ class AblationCore:
 
     @torch.no_grad()
     def base(self) -> tuple[float, int]:
-        stats = [self.score_fn(self.model(self.inputs[s])[:, -1, :], self.labels[s])
-                 for s in self._batches()]
-        return self._add(stats)
+        first = self.model.names[0]
+        return self._add([self._finish(self.model.embed(self.inputs[s]), first, s)
+                          for s in self._batches()])
 
     @torch.no_grad()
     def edge_score(self, pair: str, n_keep: int) -> tuple[float, int]:
@@ -226,6 +230,10 @@ class AblationCore:
         out = {}
         for name in layers:
             f_hat = (acts[name] @ self.bases[name]["C"]).double().cpu().numpy()
+            # a feature that is constant over the grid at one position (all of them at the
+            # '=' token of the first layer) varies only by round-off: label it "constant"
+            var = f_hat.var(axis=0)  # (position, feature)
+            f_hat[:, var <= 1e-20 * var.max()] = 0.0
             per_pos = [fourier_labels(f_hat[:, t, :], p, top=top) for t in range(f_hat.shape[1])]
             out[name] = {"group_power": np.stack([r.group_power for r in per_pos]),
                          "explained": np.stack([r.explained for r in per_pos]),
@@ -294,10 +302,17 @@ def plan(store: Path, spec: AnalysisSpec, overwrite: bool) -> Plan:
         raise PreflightError("modularity", "ε of eq. 3 comes from the edge-ablation search; "
                                            "enable edge_ablation too")
     data = resolve_data(spec, contents.job)
+    if spec.labels.fourier == "on" and not isinstance(data, ModAddData):
+        raise PreflightError("labels.fourier", "Fourier labels need modular-addition data")
     try:
         model = load_sequential(contents.job)
     except CheckpointError as exc:
         raise PreflightError("model", f"the store's checkpoint: {exc}") from None
+    recorded = dict(root.attrs).get("fingerprints", {}).get("model")
+    if recorded and fingerprint_file(contents.job.model.path) != recorded:
+        raise PreflightError("model", f"{contents.job.model.path} has changed since the store "
+                                      f"was written (sha256 differs); its bases belong to the "
+                                      f"old checkpoint")
     try:
         ds = load_dataset(data)
     except (OSError, ValueError) as exc:
@@ -312,8 +327,6 @@ def plan(store: Path, spec: AnalysisSpec, overwrite: bool) -> Plan:
         raise PreflightError("data", f"labels span {int(ds.labels.min())}..{int(ds.labels.max())}"
                                      f" but the model has {n_classes} outputs")
     fourier_p = None
-    if spec.labels.fourier == "on" and not isinstance(data, ModAddData):
-        raise PreflightError("labels.fourier", "Fourier labels need modular-addition data")
     if spec.labels.fourier != "off" and isinstance(data, ModAddData):
         fourier_p = data.modulus
     return Plan(spec, contents, layers, pairs, data, len(ds), fourier_p)
@@ -324,6 +337,9 @@ def _placement(spec: AnalysisSpec) -> tuple[int, float]:
     gpus = spec.ray.gpus_per_worker
     if gpus is None:
         gpus = 1.0 if res.get("GPU", 0) >= 1 else 0.0
+    if gpus > res.get("GPU", 0):
+        raise PreflightError("ray.gpus_per_worker", f"{gpus:g} GPUs per worker asked for, the "
+                                                    f"cluster has {res.get('GPU', 0):g}")
     if spec.ray.num_workers:
         n = spec.ray.num_workers
     elif gpus > 0:
@@ -479,10 +495,15 @@ def _evaluate(pool: Pool, p: Plan, writer: AnalysisWriter, log: Log,
             np.array([s.evaluated[k][1] for k in ks]),
             ablation.edge_mask(E.shape, order, s.good),
             {"n_candidates": s.n, "edges_required": s.good,
+             "all_kept_passes": bool(s.all_kept_passes),
              "epsilon": _finite(ablation.smallest_kept(E, order, s.good)),
              "probes_per_round": s.k, "base_score": base,
              "target": base - tol if kind == "accuracy" else base + tol})
         log(f"  {pair}: {s.good} of {s.n} edges required ({len(ks)} evaluations)")
+        if not s.all_kept_passes:
+            log(f"  warning: {pair}: even with every edge kept the score is outside the "
+                f"tolerance (the layers' truncation costs more than it allows); "
+                f"edges_required is all {s.n}")
     for layer, res in node_results.items():
         ks = np.array(sorted(res))
         writer.node_ablation(layer, ks, np.array([res[k] for k in ks]))

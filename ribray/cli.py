@@ -182,6 +182,10 @@ def analyze(
     except JobFileError as exc:
         raise _fail(str(exc)) from None
     log = lambda s: err.print(s, markup=False)  # noqa: E731
+    folder = report_dir or (Path(spec.report) if spec.report else default_report_dir(store))
+    if spec.plots.enabled and folder.exists() and not folder.is_dir():
+        field = "--report" if report_dir else f"{where}: field report"
+        raise _fail(f"{field}: {folder} is a file, not a folder")
     try:
         run_analysis(store, spec, address=address, overwrite=overwrite, dashboard=dashboard,
                      log=log)
@@ -194,8 +198,11 @@ def analyze(
     if spec.plots.enabled:
         from ribray.report import write_report
 
-        folder = report_dir or (Path(spec.report) if spec.report else default_report_dir(store))
-        page = write_report(store, folder, spec.plots, log=log)
+        try:
+            page = write_report(store, folder, spec.plots, log=log)
+        except Exception as exc:  # noqa: BLE001 - the analysis is in the store; say so
+            raise _fail(f"{folder}: report failed ({type(exc).__name__}: {exc}); the analysis "
+                        f"is complete in {store}", 1) from None
         out.print(f"report: {page}")
     out.print(f"wrote {store}/analysis")
 

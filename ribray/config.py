@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class Strict(BaseModel):
@@ -192,11 +199,25 @@ class ModularitySpec(Strict):
     resolutions: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)] = [1.0, 0.5]
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _distinct(self) -> ModularitySpec:
+        names = [f"{g:g}" for g in self.resolutions]
+        if len(set(names)) != len(names):
+            raise ValueError("resolutions must be distinct (as printed with 6 significant "
+                             "digits: they name the store's groups)")
+        return self
+
 
 class LabelsSpec(Strict):
     fourier: Literal["auto", "on", "off"] = Field(
         "auto", description="Fourier labels of appendix F; auto: for modular-addition data")
     top: Annotated[int, Field(ge=1, le=10)] = 3
+
+    @field_validator("fourier", mode="before")
+    @classmethod
+    def _yaml_bool(cls, v):
+        """YAML reads unquoted on/off as booleans."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class PlotsSpec(Strict):
@@ -219,7 +240,7 @@ class AnalysisSpec(Strict):
     """``ribray analyze`` settings; every field has a default (an empty file is valid)."""
 
     name: str | None = None
-    node_layers: Annotated[list[str] | None, Field(description=(
+    node_layers: Annotated[list[str] | None, Field(min_length=2, description=(
         "consecutive node layers of the store to analyse; default: all of them"))] = None
     data: dict = Field(default_factory=dict, description=(
         "fields merged over the store's data spec; default: split test where there is one"))

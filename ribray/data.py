@@ -70,7 +70,10 @@ def digits(frac_train: float, seed: int, split: str) -> Dataset:
 def npz(path: str) -> Dataset:
     """Arrays ``inputs`` (float features or int64 tokens) and ``labels`` (integers) of a
     ``.npz`` file, read without pickles."""
-    with np.load(path, allow_pickle=False) as f:
+    f = np.load(path, allow_pickle=False)
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: not an .npz archive (a single array: save with np.savez)")
+    with f:
         missing = {"inputs", "labels"} - set(f.files)
         if missing:
             raise ValueError(f"{path}: no array {sorted(missing)[0]!r} (has {sorted(f.files)})")

@@ -24,8 +24,9 @@ counted. Candidates are ranked by ``E`` descending (ties by position, row-major)
 
 **Search** (:class:`Search`): the smallest number of kept edges whose score is within the
 tolerance of the unablated model, by a k-section search over ``0..n_candidates`` (k probes per
-round; k = 1 is bisection). The answer depends on k, never on how many workers evaluate the
-probes or in which order they finish.
+round; k = 1 is bisection; the first round also checks that keeping every edge passes). The
+answer depends on k, never on how many workers evaluate the probes or in which order they
+finish.
 """
 
 from __future__ import annotations
@@ -70,11 +71,11 @@ def edge_mask(shape: tuple[int, int], order: np.ndarray, n_keep: int) -> np.ndar
 
 
 def smallest_kept(E: np.ndarray, order: np.ndarray, n_keep: int) -> float:
-    """The smallest candidate edge kept with ``n_keep`` kept (ε of paper eq. 3); inf if none."""
-    if n_keep == 0:
-        return float("inf")
-    r, c = order[n_keep - 1]
-    return float(E[r, c])
+    """The smallest positive candidate edge kept with ``n_keep`` kept (ε of paper eq. 3); inf
+    if none (kept edges that are exactly 0 carry no interaction and cannot scale a log)."""
+    kept = E[order[:n_keep, 0], order[:n_keep, 1]]
+    kept = kept[kept > 0]
+    return float(kept.min()) if kept.size else float("inf")
 
 
 @torch.no_grad()
@@ -134,18 +135,23 @@ def passes(score: float, base: float, kind: str, tolerance: float) -> bool:
 class Search:
     """k-section search for the smallest passing number of kept edges in ``0..n``.
 
-    ``good`` is the smallest count known to pass (``n`` passes by definition: nothing is
-    ablated), ``bad`` the largest count below it known to fail (-1: none yet). Each round
-    evaluates up to ``k`` counts spread evenly strictly between them; the search ends when
-    ``good - bad == 1`` and ``good`` is the answer. On a score that is monotone in the number
-    of kept edges this is the true threshold; otherwise it is a count that passes with its
-    predecessor failing, found the way bisection finds it.
+    ``good`` is the smallest count known to pass, ``bad`` the largest count below it known to
+    fail (-1: none yet). The first round evaluates ``n`` itself (every candidate kept: the model
+    projected onto the kept features of both layers, which differs from the unablated model
+    where a layer was truncated) besides up to ``k`` counts spread evenly strictly between
+    ``bad`` and ``good``; each later round the same between the narrowed bounds. The search ends
+    when ``good - bad == 1`` and ``good`` is the answer, or at once when ``n`` fails
+    (``all_kept_passes`` False: even keeping every edge is outside the tolerance, and ``good``
+    stays ``n``). On a score that is monotone in the number of kept edges the answer is the
+    true threshold; otherwise it is a count that passes with its predecessor failing, found the
+    way bisection finds it.
     """
 
     n: int
     k: int = 1
     good: int = field(init=False)
     bad: int = -1
+    all_kept_passes: bool | None = None  # None until n is evaluated
     evaluated: dict[int, tuple[float, bool]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -155,7 +161,9 @@ class Search:
 
     @property
     def done(self) -> bool:
-        return self.good - self.bad <= 1
+        if self.all_kept_passes is None:
+            return False
+        return not self.all_kept_passes or self.good - self.bad <= 1
 
     def probes(self) -> list[int]:
         """The counts to evaluate this round (empty when done)."""
@@ -163,11 +171,19 @@ class Search:
             return []
         span = self.good - self.bad
         pts = {self.bad + (span * i) // (self.k + 1) for i in range(1, self.k + 1)}
-        return sorted(p for p in pts if self.bad < p < self.good)
+        pts = {p for p in pts if self.bad < p < self.good}
+        if self.all_kept_passes is None:
+            pts.add(self.n)
+        return sorted(pts)
 
     def update(self, results: dict[int, tuple[float, bool]]) -> None:
         """Record (score, passed) for this round's probes and narrow the interval."""
         self.evaluated.update(results)
+        if self.n in results:
+            self.all_kept_passes = results[self.n][1]
+        if self.all_kept_passes is False:  # nothing can pass as promised: report all of them
+            self.good = self.n
+            return
         passing = [p for p, (_, ok) in results.items() if ok and p < self.good]
         if passing:
             self.good = min(passing)

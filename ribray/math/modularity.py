@@ -6,10 +6,11 @@ and feature i of layer l+1 with weight
 
     w = log(E[i, j] / ε_l)      for E[i, j] > ε_l      (dropped otherwise),
 
-where ε_l is the smallest edge kept by the bisect search of that layer pair (so the weights of
-kept edges are >= 0 and the edges the search could ablate are not in the graph). As in the
-reference implementation, the constant features' edges are left out: constant nodes are
-singletons. Partitions are found by ``leidenalg`` (RBConfigurationVertexPartition: modularity
+where ε_l is the smallest positive edge kept by the bisect search of that layer pair: the edges
+the search ablates are not in the graph, and neither is the ε edge itself (its weight would be
+log 1 = 0, which adds nothing to modularity); every weight in the graph is positive and finite.
+As in the reference implementation, the constant features' edges are left out: constant nodes
+are singletons. Partitions are found by ``leidenalg`` (RBConfigurationVertexPartition: modularity
 with resolution γ; the paper used γ = 1 and 0.5), seeded, so a run is reproducible. Module ids
 are renumbered by size (0 = largest, ties by smallest node id); nodes without any edge get -1.
 Modularity is invariant to scaling all weights, so the base of the logarithm does not matter.
@@ -70,6 +71,9 @@ def build_graph(chain: list[LayerEdges]) -> Graph:
     all_edges, all_w = [], []
     for k, le in enumerate(chain):
         E = np.asarray(le.E, dtype=np.float64)
+        if not le.epsilon > 0:
+            raise ValueError(f"ε of {le.in_layer}--{le.out_layer} must be positive, got "
+                             f"{le.epsilon}")
         ok = E > le.epsilon
         if le.const_in is not None:
             ok[:, le.const_in] = False
@@ -109,9 +113,14 @@ def leiden(graph: Graph, resolution: float = 1.0, seed: int = 0,
 
     g = ig.Graph(n=graph.n_nodes, edges=graph.edges.tolist(), directed=False)
     g.es["weight"] = graph.weights.tolist()
-    part = leidenalg.find_partition(g, leidenalg.RBConfigurationVertexPartition,
-                                    weights="weight", resolution_parameter=resolution,
-                                    seed=seed, n_iterations=n_iterations)
+    try:
+        part = leidenalg.find_partition(g, leidenalg.RBConfigurationVertexPartition,
+                                        weights="weight", resolution_parameter=resolution,
+                                        seed=seed, n_iterations=n_iterations)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - leidenalg raises BaseException on bad input
+        raise RuntimeError(f"Leiden failed: {exc}") from None
     raw = np.asarray(part.membership, dtype=np.int64)
     module = renumber(raw, degree=np.asarray(g.degree()))
     q = g.modularity(raw.tolist(), weights="weight", resolution=resolution) if g.ecount() else 0.0
