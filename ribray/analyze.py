@@ -37,7 +37,7 @@ from ribray.math import ablation
 from ribray.math.lib import check_finite
 from ribray.math.modularity import LayerEdges, build_graph, leiden
 from ribray.math.sequential import SequentialModel
-from ribray.orchestrate import PreflightError, WorkerError, _one_line, connect
+from ribray.orchestrate import PreflightError, WorkerError, _one_line, connect, placement
 from ribray.store import AnalysisWriter, StoreError, check_analysis_target, edge_group
 
 Log = Callable[[str], None]
@@ -332,28 +332,6 @@ def plan(store: Path, spec: AnalysisSpec, overwrite: bool) -> Plan:
     return Plan(spec, contents, layers, pairs, data, len(ds), fourier_p)
 
 
-def _placement(spec: AnalysisSpec) -> tuple[int, float]:
-    res = ray.cluster_resources()
-    gpus = spec.ray.gpus_per_worker
-    if gpus is None:
-        gpus = 1.0 if res.get("GPU", 0) >= 1 else 0.0
-    if gpus > res.get("GPU", 0):
-        raise PreflightError("ray.gpus_per_worker", f"{gpus:g} GPUs per worker asked for, the "
-                                                    f"cluster has {res.get('GPU', 0):g}")
-    if spec.ray.num_workers:
-        n = spec.ray.num_workers
-    elif gpus > 0:
-        n = max(1, int(res.get("GPU", 0) // gpus))
-    else:
-        n = max(1, int(res.get("CPU", 1) // spec.ray.cpus_per_worker))
-    if n * spec.ray.cpus_per_worker > res.get("CPU", 0) or n * gpus > res.get("GPU", 0):
-        raise PreflightError("ray.num_workers", f"{n} workers × ({spec.ray.cpus_per_worker:g} "
-                                                f"CPU, {gpus:g} GPU) exceed the cluster's "
-                                                f"{res.get('CPU', 0):g} CPUs and "
-                                                f"{res.get('GPU', 0):g} GPUs")
-    return n, gpus
-
-
 def run_analysis(store: Path, spec: AnalysisSpec, address: str | None = None,
                  overwrite: bool = False, dashboard: bool = True,
                  log: Log = print) -> dict[str, Any]:
@@ -362,7 +340,7 @@ def run_analysis(store: Path, spec: AnalysisSpec, address: str | None = None,
     t0 = time.perf_counter()
     p = plan(store, spec, overwrite)
     connect(address, dashboard)
-    n_workers, gpus = _placement(spec)
+    n_workers, gpus = placement(spec.ray)
     opts: dict[str, Any] = {"num_cpus": spec.ray.cpus_per_worker, "max_restarts": MAX_RESTARTS,
                             "max_task_retries": -1}
     if gpus:

@@ -33,7 +33,7 @@ from ribray.build import (
     load_sequential,
 )
 from ribray.checkpoints import CheckpointError
-from ribray.config import JobSpec, ModAddData
+from ribray.config import JobSpec, ModAddData, RaySpec
 from ribray.data import shard_ranges
 from ribray.math.sequential import TokenEmbed
 from ribray.shards import ShardComputer
@@ -152,27 +152,29 @@ def connect(address: str | None, dashboard: bool = True) -> None:
         ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
-def placement(job: JobSpec) -> tuple[int, float]:
-    """(number of workers, GPUs per worker): one worker per GPU when the cluster has GPUs and
-    the job does not say otherwise, else one per ``cpus_per_worker`` CPUs."""
+def placement(spec: RaySpec | Any) -> tuple[int, float]:
+    """(number of workers, GPUs per worker) for a job's ``ray`` settings (any object with
+    ``num_workers``, ``cpus_per_worker`` and ``gpus_per_worker``): one worker per GPU when the
+    cluster has GPUs and the settings do not say otherwise, else one per ``cpus_per_worker``
+    CPUs. Raises :class:`PreflightError` when the cluster cannot hold them."""
     res = ray.cluster_resources()
-    gpus = job.ray.gpus_per_worker
+    gpus = spec.gpus_per_worker
     if gpus is None:
         gpus = 1.0 if res.get("GPU", 0) >= 1 else 0.0
     if gpus > res.get("GPU", 0):
         raise PreflightError("ray.gpus_per_worker", f"{gpus:g} GPUs per worker asked for, the "
                                                     f"cluster has {res.get('GPU', 0):g}")
-    if job.ray.num_workers:
-        n = job.ray.num_workers
-        if n * job.ray.cpus_per_worker > res.get("CPU", 0) or n * gpus > res.get("GPU", 0):
-            raise PreflightError("ray.num_workers", f"{n} workers × ({job.ray.cpus_per_worker:g} "
+    if spec.num_workers:
+        n = spec.num_workers
+        if n * spec.cpus_per_worker > res.get("CPU", 0) or n * gpus > res.get("GPU", 0):
+            raise PreflightError("ray.num_workers", f"{n} workers × ({spec.cpus_per_worker:g} "
                                                     f"CPU, {gpus:g} GPU) exceed the cluster's "
                                                     f"{res.get('CPU', 0):g} CPUs and "
                                                     f"{res.get('GPU', 0):g} GPUs")
         return n, gpus
     if gpus > 0:
         return max(1, int(res.get("GPU", 0) // gpus)), gpus
-    return max(1, int(res.get("CPU", 1) // job.ray.cpus_per_worker)), gpus
+    return max(1, int(res.get("CPU", 1) // spec.cpus_per_worker)), gpus
 
 
 def check_job(job: JobSpec) -> dict[str, Any]:
@@ -226,7 +228,7 @@ def run_job(job: JobSpec, out: Path, address: str | None = None, overwrite: bool
     t_pre = time.perf_counter()
     connect(address, dashboard)
     t_ray = time.perf_counter()
-    n_workers, gpus = placement(job)
+    n_workers, gpus = placement(job.ray)
     # restarts are bounded, so a worker that always dies (out of memory, say) ends the job;
     # task retries then last as long as the actor can come back
     opts: dict[str, Any] = {"num_cpus": job.ray.cpus_per_worker,
