@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import ray
+import zarr
 
 from ribray import pipeline
 from ribray.build import (
@@ -35,6 +36,7 @@ from ribray.build import (
 from ribray.checkpoints import CheckpointError
 from ribray.config import JobSpec, ModAddData, RaySpec
 from ribray.data import shard_ranges
+from ribray.math.accumulators import Moments
 from ribray.math.sequential import TokenEmbed
 from ribray.shards import ShardComputer
 from ribray.store import StoreError, StoreWriter, check_path
@@ -87,22 +89,31 @@ class LibWorker:
               C_in_pinv: np.ndarray, C_out: np.ndarray):
         return self.computer.edges(shard, layer, nxt, C_in, C_in_pinv, C_out)
 
-    def ready(self) -> str:
-        return self.device
+    def ready(self) -> dict[str, Any]:
+        """Where this worker runs: device, process id and Ray node id (logged by the driver)."""
+        return {"device": self.device, "pid": os.getpid(),
+                "node": ray.get_runtime_context().get_node_id()}
 
 
 class RayBackend:
-    """The pipeline's Backend on a pool of :class:`LibWorker` actors."""
+    """The pipeline's Backend on a pool of :class:`LibWorker` actors.
 
-    def __init__(self, workers: list, shards: list[tuple[int, int]], log: Log):
-        self.workers, self.shards, self.log = workers, shards, log
+    With a ``cache`` (the :class:`~ribray.store.StoreWriter`), every shard's partial sum is kept
+    as it arrives and the shards an earlier run kept are not computed again.
+    """
+
+    def __init__(self, workers: list, shards: list[tuple[int, int]], log: Log,
+                 cache: StoreWriter | None = None):
+        self.workers, self.shards, self.log, self.cache = workers, shards, log, cache
 
     def _map(self, phase: str, method: str, *args: Any) -> dict[int, Any]:
         refs = [ray.put(a) if isinstance(a, np.ndarray) else a for a in args]
-        todo = list(range(len(self.shards)))[::-1]
+        done: dict[int, Any] = self.cache.load_partials(phase) if self.cache else {}
+        if done:
+            self.log(f"  {phase}: {len(done)}/{len(self.shards)} shards kept by an earlier run")
+        todo = [s for s in range(len(self.shards)) if s not in done][::-1]
         in_flight: dict[Any, tuple[int, int]] = {}
         idle = list(range(len(self.workers)))
-        done: dict[int, Any] = {}
         t0, last = time.perf_counter(), 0.0
         while todo or in_flight:
             while todo and idle:
@@ -115,6 +126,9 @@ class RayBackend:
                 idle.append(w)
                 try:
                     done[s] = ray.get(ref)
+                    check_partial(done[s], f"{phase}, shard {s} {self.shards[s]}")
+                    if self.cache is not None:
+                        self.cache.save_partial(phase, s, done[s])
                 except ray.exceptions.RayTaskError as exc:
                     cause = exc.cause if exc.cause is not None else exc
                     raise WorkerError(f"{phase}, shard {s} {self.shards[s]}: "
@@ -127,18 +141,30 @@ class RayBackend:
                 last = now
                 self.log(f"  {phase}: {len(done)}/{len(self.shards)} shards, "
                          f"{now - t0:.1f}s")
+                if self.cache is not None:
+                    self.cache.progress({"phase": phase, "shards_done": len(done),
+                                         "shards": len(self.shards)})
         return done
 
     def gram(self, layers: list[str]):
         return self._map("gram", "gram", layers)
 
     def m(self, layer: str, target: str, C_target: np.ndarray):
-        return self._map(f"M {layer}", "m", layer, target, C_target)
+        return self._map(f"M/{layer}", "m", layer, target, C_target)
 
     def edges(self, layer: str, next_layer: str, C_in: np.ndarray, C_in_pinv: np.ndarray,
               C_out: np.ndarray):
-        return self._map(f"edges {layer}->{next_layer}", "edges", layer, next_layer, C_in,
+        return self._map(f"edges/{layer}--{next_layer}", "edges", layer, next_layer, C_in,
                          C_in_pinv, C_out)
+
+
+def check_partial(partial: Any, what: str) -> None:
+    """Raise FloatingPointError naming the phase and shard if a partial sum is not finite."""
+    parts = partial.values() if isinstance(partial, dict) else [partial]
+    for p in parts:
+        arrays = [p.mean, p.comoment] if isinstance(p, Moments) else [p.total]
+        if not all(np.isfinite(a).all() for a in arrays):
+            raise FloatingPointError(f"non-finite values in the partial sums of {what}")
 
 
 def connect(address: str | None, dashboard: bool = True) -> None:
@@ -211,13 +237,21 @@ def preflight(job: JobSpec, out: Path, overwrite: bool) -> dict[str, Any]:
     Changes nothing on disk; raises :class:`PreflightError`."""
     checked = check_job(job)
     model, layers, data = checked["model"], job.basis.node_layers, checked["data"]
+    prints = {"model": fingerprint_file(job.model.path), "data": fingerprint_tensor(data.inputs)}
+    config = job.model_copy(update={"out": str(out)}).model_dump()
     try:
-        check_path(out, overwrite)
+        state = check_path(out, overwrite, config)
     except StoreError as exc:
         raise PreflightError("out", str(exc)) from None
+    if state != "new":
+        old = dict(zarr.open_group(str(out), mode="r").attrs).get("fingerprints", {})
+        for what in ("model", "data"):
+            if old.get(what) != prints[what]:
+                raise PreflightError("out", f"{out}: the store was started with another "
+                                            f"{'checkpoint' if what == 'model' else 'data set'}"
+                                            f" (sha256 differs); pass --overwrite to replace it")
     return {"widths": {n: model.width(n) for n in layers}, "n_samples": len(data),
-            "fingerprints": {"model": fingerprint_file(job.model.path),
-                             "data": fingerprint_tensor(data.inputs)}}
+            "fingerprints": prints, "state": state}
 
 
 def run_job(job: JobSpec, out: Path, address: str | None = None, overwrite: bool = False,
@@ -225,6 +259,11 @@ def run_job(job: JobSpec, out: Path, address: str | None = None, overwrite: bool
     """Run a LIB job end to end and write the store at ``out``; returns seconds per phase."""
     t_start = time.perf_counter()
     info = preflight(job, out, overwrite)
+    if info["state"] == "complete":
+        log(f"{job.name}: {out} is complete already (same job); nothing to do")
+        return dict(zarr.open_group(str(out), mode="r").attrs.get("timings", {}))
+    if info["state"] == "resume":
+        log(f"{job.name}: resuming {out}: only what is not complete is computed")
     t_pre = time.perf_counter()
     connect(address, dashboard)
     t_ray = time.perf_counter()
@@ -242,21 +281,24 @@ def run_job(job: JobSpec, out: Path, address: str | None = None, overwrite: bool
     writer: StoreWriter | None = None
     try:
         try:
-            devices = ray.get([w.ready.remote() for w in workers])  # models loaded first
+            where = ray.get([w.ready.remote() for w in workers])  # models loaded first
         except ray.exceptions.RayError as exc:
             raise WorkerError(f"a worker failed to start: {_one_line(exc)}") from None
         t_workers = time.perf_counter()
         shards = shard_ranges(info["n_samples"], job.ray.shard_size)
         log(f"{job.name}: {info['n_samples']} samples in {len(shards)} shards on {n_workers} "
-            f"workers ({', '.join(sorted(set(devices)))}); node layers "
+            f"workers ({', '.join(sorted({w['device'] for w in where}))}); node layers "
             f"{', '.join(job.basis.node_layers)}")
+        for i, w in enumerate(where):
+            log(f"  worker {i}: pid {w['pid']} on node {w['node']} ({w['device']})")
         writer = StoreWriter(out, {
             "config": job_dict, "config_hash": job.fingerprint(),
             "node_layers": list(job.basis.node_layers), "basis": job.basis.kind,
             "fingerprints": info["fingerprints"], "n_samples": info["n_samples"]},
             overwrite=overwrite)
-        timings = pipeline.run(RayBackend(workers, shards, log), list(job.basis.node_layers),
-                               info["widths"], basis_settings(job), writer, log)
+        timings = pipeline.run(RayBackend(workers, shards, log, cache=writer),
+                               list(job.basis.node_layers), info["widths"], basis_settings(job),
+                               writer, log)
     except BaseException as exc:
         if writer is not None:
             writer.fail(f"{type(exc).__name__}: {exc}")

@@ -32,11 +32,21 @@ class Backend(Protocol):
 
 
 class Sink(Protocol):
+    """Receives each result as soon as it exists; the ``stored_*`` methods return what an
+    earlier, interrupted run of the same job already wrote (None/False: nothing), so a resumed
+    run recomputes only the rest."""
+
     def gram(self, layer: str, mean: np.ndarray, gram: np.ndarray, count: int) -> None: ...
 
     def basis(self, layer: str, b: bases.Basis) -> None: ...
 
     def edges(self, layer: str, next_layer: str, E: np.ndarray) -> None: ...
+
+    def stored_stats(self, layer: str) -> tuple[np.ndarray, np.ndarray, int] | None: ...
+
+    def stored_basis(self, layer: str) -> bases.Basis | None: ...
+
+    def stored_edges(self, layer: str, next_layer: str) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -53,31 +63,44 @@ def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: B
     """Run the whole recursion; returns seconds per phase."""
     timings: dict[str, float] = {"gram": 0.0, "basis_M": 0.0, "edges": 0.0}
     t0 = time.perf_counter()
-    partials = backend.gram(layers)  # one pass over the data for every node layer
-    moments = {n: reduce_in_order({s: p[n] for s, p in partials.items()}) for n in layers}
     stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for n in layers:
-        m = moments[n]
-        cov = m.covariance()
-        stats[n] = (m.mean, cov)
-        gram = bases.centred_gram(cov, SequentialModel.const_index(n, widths[n]))
-        sink.gram(n, m.mean, gram, m.count)
-    timings["gram"] = time.perf_counter() - t0
-    log(f"gram: {len(layers)} node layers, {timings['gram']:.1f}s")
+    stored = {n: sink.stored_stats(n) for n in layers}
+    if all(v is not None for v in stored.values()):
+        stats = {n: (v[0], v[1]) for n, v in stored.items() if v is not None}
+        log("gram: written by an earlier run")
+    else:
+        partials = backend.gram(layers)  # one pass over the data for every node layer
+        moments = {n: reduce_in_order({s: p[n] for s, p in partials.items()}) for n in layers}
+        for n in layers:
+            m = moments[n]
+            cov = m.covariance()
+            stats[n] = (m.mean, cov)
+            gram = bases.centred_gram(cov, SequentialModel.const_index(n, widths[n]))
+            sink.gram(n, m.mean, gram, m.count)
+        timings["gram"] = time.perf_counter() - t0
+        log(f"gram: {len(layers)} node layers, {timings['gram']:.1f}s")
 
     final = layers[-1]
-    results: dict[str, bases.Basis] = {final: _final_basis(final, widths, stats, settings)}
-    sink.basis(final, results[final])
+    results: dict[str, bases.Basis] = {}
+    kept = sink.stored_basis(final)
+    results[final] = kept if kept is not None else _final_basis(final, widths, stats, settings)
+    if kept is None:
+        sink.basis(final, results[final])
     for i in range(len(layers) - 2, -1, -1):
         layer, nxt = layers[i], layers[i + 1]
         t1 = time.perf_counter()
-        results[layer] = _layer_basis(backend, layer, nxt, final, widths, stats, settings,
-                                      results)
-        timings["basis_M"] += time.perf_counter() - t1
-        sink.basis(layer, results[layer])
-        log(f"basis {layer}: {results[layer].n_features} features, "
-            f"{time.perf_counter() - t1:.1f}s")
-        if settings.compute_edges:
+        kept = sink.stored_basis(layer)
+        if kept is not None:
+            results[layer] = kept
+            log(f"basis {layer}: written by an earlier run")
+        else:
+            results[layer] = _layer_basis(backend, layer, nxt, final, widths, stats, settings,
+                                          results)
+            timings["basis_M"] += time.perf_counter() - t1
+            sink.basis(layer, results[layer])
+            log(f"basis {layer}: {results[layer].n_features} features, "
+                f"{time.perf_counter() - t1:.1f}s")
+        if settings.compute_edges and not sink.stored_edges(layer, nxt):
             t2 = time.perf_counter()
             b_in, b_out = results[layer], results[nxt]
             s = reduce_in_order(backend.edges(layer, nxt, b_in.C, b_in.C_pinv, b_out.C))
@@ -131,3 +154,12 @@ class MemorySink:
 
     def edges(self, layer: str, next_layer: str, E: np.ndarray) -> None:
         self.edge_sets[(layer, next_layer)] = E
+
+    def stored_stats(self, layer: str) -> None:
+        return None
+
+    def stored_basis(self, layer: str) -> None:
+        return None
+
+    def stored_edges(self, layer: str, next_layer: str) -> bool:
+        return False

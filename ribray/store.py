@@ -19,7 +19,14 @@ once every layer and edge group is written. Every array carries ``dimension_name
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
 import shutil
+import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +34,7 @@ import numpy as np
 import zarr
 
 from ribray import __version__
+from ribray.math.accumulators import Moments, Sum
 from ribray.math.basis import Basis
 from ribray.math.sequential import SequentialModel
 
@@ -45,37 +53,171 @@ def _is_store(path: Path) -> bool:
     return (path / "zarr.json").is_file()
 
 
-def check_path(path: Path, overwrite: bool) -> None:
-    """Check, without changing anything, that ``path`` can hold a new store."""
+RESULT_IRRELEVANT = {"out": None, "runtime_env": None,
+                     "ray": ("num_workers", "cpus_per_worker", "gpus_per_worker")}
+
+
+def result_hash(config: dict[str, Any]) -> str:
+    """sha256 of the parts of a job that determine its numbers: everything but where the store
+    is (``out``), how it is shipped (``runtime_env``) and how many workers of which size compute
+    it. Shard and batch sizes stay in: they fix the order of float64 sums. Two runs with the
+    same result hash write bit-equal stores, so a store may be resumed by any of them."""
+    cfg = json.loads(json.dumps(config))
+    for key, sub in RESULT_IRRELEVANT.items():
+        if sub is None:
+            cfg.pop(key, None)
+        elif isinstance(cfg.get(key), dict):
+            for k in sub:
+                cfg[key].pop(k, None)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+
+
+def check_path(path: Path, overwrite: bool, config: dict[str, Any] | None = None) -> str:
+    """Check, without changing anything, what writing a job's store at ``path`` means:
+    ``"new"`` (nothing there, or ``overwrite``), ``"resume"`` (a store of the same job that is
+    not complete and that no live job is writing) or ``"complete"`` (the same job, finished).
+    Raises :class:`StoreError` for a file, a non-store directory, a store of another job (unless
+    ``overwrite``) and a store another live job is writing (always)."""
     if path.exists() and not path.is_dir():
         raise StoreError(f"{path}: output path is a file, not a directory")
-    if path.is_dir() and any(path.iterdir()):
-        if not _is_store(path):
-            raise StoreError(f"{path}: output directory exists and is not a Zarr store; "
-                             f"refusing to write into it")
-        if not overwrite:
-            raise StoreError(f"{path}: a store exists already; pass --overwrite to replace it")
+    holder = Lease.holder(path)
+    if holder is not None:
+        raise StoreError(f"{path}: being written by {holder}; wait for that job or stop it")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise StoreError(f"{path}: {parent} is a file, not a directory")
             break
+    if not (path.is_dir() and any(path.iterdir())):
+        return "new"
+    if not _is_store(path):
+        raise StoreError(f"{path}: output directory exists and is not a Zarr store; "
+                         f"refusing to write into it")
+    if overwrite:
+        return "new"
+    try:
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception:  # noqa: BLE001 - unreadable metadata
+        raise StoreError(f"{path}: a store exists but cannot be read; pass --overwrite to "
+                         f"replace it") from None
+    if "config" not in attrs or config is None:
+        raise StoreError(f"{path}: a store exists already; pass --overwrite to replace it")
+    if result_hash(attrs["config"]) != result_hash(config):
+        raise StoreError(f"{path}: a store written by a different job configuration exists; "
+                         f"pass --overwrite to replace it")
+    return "complete" if attrs.get("status") == "complete" else "resume"
+
+
+class Lease:
+    """Who is writing a store: ``{store}.lock`` beside it (JSON: host, pid, started,
+    heartbeat), refreshed every ``HEARTBEAT`` seconds by a background thread.
+
+    A lease is live while its heartbeat is younger than ``TIMEOUT`` and, on this host, while its
+    process exists; a stale lease (a killed driver) is taken over. The file is replaced
+    atomically (write, then rename), so a reader never sees half a lease.
+    """
+
+    HEARTBEAT = 5.0
+    TIMEOUT = 60.0
+
+    def __init__(self, store: Path):
+        self.path = _lock_path(store)
+        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        self._stop = threading.Event()
+        self._write()
+        self._thread = threading.Thread(target=self._beat, daemon=True,
+                                        name=f"ribray-lease-{self.path.name}")
+        self._thread.start()
+
+    def _write(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**self.info, "heartbeat": time.time()}))
+        os.replace(tmp, self.path)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.HEARTBEAT):
+            with contextlib.suppress(OSError):
+                self._write()
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.HEARTBEAT + 1)
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    @classmethod
+    def holder(cls, store: Path) -> str | None:
+        """A description of the live job writing ``store``, or None (no lease, or stale)."""
+        path = _lock_path(store)
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        age = time.time() - float(info.get("heartbeat", 0))
+        if age > cls.TIMEOUT:
+            return None
+        if info.get("host") == socket.gethostname():
+            if info.get("pid") == os.getpid() or not _pid_alive(int(info.get("pid", -1))):
+                return None
+        return f"pid {info.get('pid')} on {info.get('host')} (heartbeat {age:.0f}s ago)"
+
+
+def _lock_path(store: Path) -> Path:
+    store = Path(store)
+    return store.with_name(store.name + ".lock")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 class StoreWriter:
-    """Writes one job's results; each piece as soon as it is computed."""
+    """Writes one job's results, each piece as soon as it is computed, and resumes a store of
+    the same job that a killed driver left behind.
+
+    While it writes, it holds the store's :class:`Lease`. Per-shard partial sums of the long
+    phases are kept under ``partials/`` until the job completes, so a resumed job recomputes only
+    the shards, layers and phases that are not complete (:meth:`load_partials`,
+    :meth:`stored_stats`, :meth:`stored_basis`, :meth:`stored_edges`).
+    """
 
     def __init__(self, path: Path, attrs: dict[str, Any], overwrite: bool = False):
         self.path = Path(path)
-        check_path(self.path, overwrite)
-        if self.path.is_dir():  # an old ribray store, and overwrite was asked for
-            shutil.rmtree(self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.root = zarr.open_group(str(self.path), mode="w")
-        self.root.attrs.update({"ribray_version": __version__, "format_version": FORMAT_VERSION,
-                                "status": "running", "timings": {}, **attrs})
-        self.root.require_group("layers")
-        self.root.require_group("edges")
+        state = check_path(self.path, overwrite, attrs.get("config"))
+        if state == "complete":
+            raise StoreError(f"{self.path}: complete already")
+        self.lease = Lease(self.path)
+        try:
+            self.resumed = state == "resume"
+            if self.resumed:
+                self.root = zarr.open_group(str(self.path), mode="r+")
+                self.root.attrs.update({"status": "running", "timings": {},
+                                        "resumes": int(self.root.attrs.get("resumes", 0)) + 1,
+                                        **{k: v for k, v in attrs.items() if k != "config"},
+                                        "config": attrs.get("config")})
+                if "error" in self.root.attrs:
+                    del self.root.attrs["error"]
+            else:
+                if self.path.is_dir():  # an old ribray store, and overwrite was asked for
+                    shutil.rmtree(self.path)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.root = zarr.open_group(str(self.path), mode="w")
+                self.root.attrs.update({"ribray_version": __version__,
+                                        "format_version": FORMAT_VERSION, "status": "running",
+                                        "timings": {}, **attrs})
+            self.root.require_group("layers")
+            self.root.require_group("edges")
+        except BaseException:
+            self.lease.release()
+            raise
 
     def _array(self, group: zarr.Group, name: str, data: np.ndarray, dims: list[str]) -> None:
         data = np.ascontiguousarray(data, dtype=np.float64)
@@ -109,10 +251,95 @@ class StoreWriter:
         g.attrs.update({"in_layer": layer, "out_layer": next_layer, "complete": True})
 
     def finish(self, timings: dict[str, float]) -> None:
+        if "partials" in self.root:
+            del self.root["partials"]
         self.root.attrs.update({"timings": timings, "status": "complete"})
+        if "progress" in self.root.attrs:
+            del self.root.attrs["progress"]
+        self.lease.release()
 
     def fail(self, reason: str) -> None:
         self.root.attrs.update({"status": "failed", "error": reason})
+        self.lease.release()
+
+    def progress(self, info: dict[str, Any]) -> None:
+        """The current phase for ``ribray status`` and notebooks (root attribute ``progress``)."""
+        self.root.attrs["progress"] = info
+
+    # --- per-shard partials and what a resumed job reuses ----------------------------------
+
+    def save_partial(self, phase: str, shard: int, partial: Any) -> None:
+        """Keep one shard's partial sum; it counts only once all its arrays are written."""
+        g = self.root.require_group(f"partials/{phase}/{shard:06d}")
+        arrays, counts = encode_partial(partial)
+        for name, data in arrays.items():
+            self._array(g, name, data, [f"d{i}" for i in range(np.ndim(data))])
+        kind = "layers" if isinstance(partial, dict) else type(partial).__name__
+        g.attrs.update({"counts": counts, "kind": kind, "complete": True})
+
+    def load_partials(self, phase: str) -> dict[int, Any]:
+        """Complete per-shard partials of ``phase`` kept by an earlier run, by shard id."""
+        key = f"partials/{phase}"
+        if key not in self.root:
+            return {}
+        out = {}
+        for name, g in self.root[key].groups():
+            if g.attrs.get("complete"):
+                out[int(name)] = decode_partial(g)
+        return out
+
+    def stored_stats(self, layer: str) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """(mean, covariance, n_rows) of a layer whose statistics are written, else None."""
+        key = f"layers/{layer}"
+        if key not in self.root or "gram" not in self.root[key]:
+            return None
+        g = self.root[key]
+        mean, cov = np.asarray(g["mean"][...]), np.array(g["gram"][...])
+        const = g.attrs.get("const_raw_index")
+        if const is not None:  # the centred Gram's 1 for the constant; its variance is 0
+            cov[const, const] = 0.0
+        return mean, cov, int(g.attrs["n_rows"])
+
+    def stored_basis(self, layer: str) -> Basis | None:
+        key = f"layers/{layer}"
+        if key not in self.root or not self.root[key].attrs.get("complete"):
+            return None
+        g = self.root[key]
+        extra = ({"M": np.asarray(g["M"][...]),
+                  "pca_eigenvalues": np.asarray(g["pca_eigenvalues"][...])} if "M" in g else {})
+        return Basis(C=np.asarray(g["C"][...]), C_pinv=np.asarray(g["C_pinv"][...]),
+                     lambdas=np.asarray(g["lambdas"][...]),
+                     const_feature=g.attrs.get("const_feature"), extra=extra)
+
+    def stored_edges(self, layer: str, next_layer: str) -> bool:
+        key = edge_group(layer, next_layer)
+        return key in self.root and bool(self.root[key].attrs.get("complete"))
+
+
+def encode_partial(partial: Any) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Arrays and counts of a partial (a Moments, a Sum, or a dict of Moments by layer): float64
+    arrays round-trip exactly, so a resumed reduction is bit-equal to an undisturbed one."""
+    if isinstance(partial, Moments):
+        return {"mean": partial.mean, "comoment": partial.comoment}, {"": partial.count}
+    if isinstance(partial, Sum):
+        return {"total": partial.total}, {"": partial.count}
+    if isinstance(partial, dict):
+        arrays = {}
+        for layer, m in partial.items():
+            arrays[f"{layer}/mean"], arrays[f"{layer}/comoment"] = m.mean, m.comoment
+        return arrays, {layer: m.count for layer, m in partial.items()}
+    raise TypeError(f"cannot keep a partial of type {type(partial).__name__}")
+
+
+def decode_partial(g: zarr.Group) -> Any:
+    counts, kind = dict(g.attrs["counts"]), g.attrs["kind"]
+    if kind == "Sum":
+        return Sum(int(counts[""]), np.asarray(g["total"][...]))
+    if kind == "Moments":
+        return Moments(int(counts[""]), np.asarray(g["mean"][...]),
+                       np.asarray(g["comoment"][...]))
+    return {name: Moments(int(counts[name]), np.asarray(g[f"{name}/mean"][...]),
+                          np.asarray(g[f"{name}/comoment"][...])) for name in counts}
 
 
 def open_store(path: str | Path) -> zarr.Group:

@@ -149,9 +149,20 @@ def test_bad_inputs_leave_no_complete_store(tmp_path, small_transformer_ckpt):
 
 
 def test_existing_store_needs_overwrite(two_stores, small_transformer_ckpt, tmp_path):
+    # the same job again (any worker count): complete already, nothing is recomputed
+    before = np.asarray(open_store(two_stores[1])["layers/ln2.0/C"][...])
+    same = write_job(tmp_path / "same.yaml", **{"model.path": str(small_transformer_ckpt),
+                                                "out": str(two_stores[1]),
+                                                "ray.num_workers": 2})
+    res = runner.invoke(app, ["submit", str(same), "--no-dashboard"])
+    assert res.exit_code == 0 and "complete already" in res.output, res.output
+    assert np.array_equal(np.asarray(open_store(two_stores[1])["layers/ln2.0/C"][...]), before)
+    # another configuration is refused unless --overwrite
     job = write_job(tmp_path / "job.yaml", **{"model.path": str(small_transformer_ckpt),
-                                              "out": str(two_stores[1])})
-    one_line_error(runner.invoke(app, ["submit", str(job)]), "--overwrite")
+                                              "out": str(two_stores[1]),
+                                              "basis.truncation_threshold": 1e-9})
+    one_line_error(runner.invoke(app, ["submit", str(job)]), "different job configuration",
+                   "--overwrite")
     assert open_store(two_stores[1]).attrs["status"] == "complete"
     # a job that fails its checks does not touch the old store, even with --overwrite
     bad = write_job(tmp_path / "bad.yaml", **{"model.path": str(small_transformer_ckpt),

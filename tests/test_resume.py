@@ -1,0 +1,100 @@
+"""Fault tolerance and resume: bit-equal stores after a killed worker, a removed node and a killed
+driver (on a local multi-node cluster, tests/fault_injection.py), and the store's lease.
+
+The fault scenarios run in a subprocess: a Ray driver joins one cluster per process, and this
+test session has its own local instance. Each scenario's store must equal the undisturbed run's
+bit for bit: the shards are the same, a shard's partial sum does not depend on which worker (or
+which attempt) computed it, partials are reduced in shard order, and kept partials round-trip
+through the store exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from conftest import ROOT, write_job
+from ribray.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("faults")
+    env = {**os.environ, "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN")
+           or secrets.token_hex(16)}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "fault_injection.py"), str(out)],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FAULTS-JSON ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[0].removeprefix("FAULTS-JSON "))
+
+
+def _check(result: dict, fault: str) -> None:
+    log = result["log"]
+    assert any(ln.startswith(f"FAULT: {fault}") for ln in log), log
+    assert not any(ln.startswith("FAULT-ERROR") for ln in log), log
+    assert result["status"] == "complete" and not result["partials_left"]
+    assert result["n_arrays"] > 20
+    assert result["equal"], result["diffs"]
+
+
+def test_killed_worker_gives_a_bit_equal_store(faults):
+    _check(faults["kill_worker"], "killed worker")
+
+
+def test_removed_node_gives_a_bit_equal_store(faults):
+    _check(faults["remove_node"], "removed node")
+
+
+def test_killed_driver_resumes_to_a_bit_equal_store(faults):
+    r = faults["kill_driver"]
+    assert r["reached_trigger"] and r["status_after_kill"] == "running"
+    assert r["resume_rc"] == 0 and r["resumes"] == 1
+    log = "\n".join(r["log"])
+    # only what was not complete is recomputed: statistics, the finished layers and the kept
+    # shards of the interrupted phase come from the store
+    assert "gram: written by an earlier run" in log
+    assert "basis unembed: written by an earlier run" in log
+    assert "M/ln2.0:" in log and "shards kept by an earlier run" in log
+    assert r["status"] == "complete" and not r["partials_left"]
+    assert r["equal"], r["diffs"]
+
+
+def test_a_store_another_live_job_writes_is_refused(tmp_path, small_transformer_ckpt,
+                                                    ray_local):
+    """A lease held by a live process refuses a second submit (with or without --overwrite);
+    once that process is gone the lease is stale and the job runs."""
+    store = tmp_path / "store.zarr"
+    job = write_job(tmp_path / "job.yaml", **{"model.path": str(small_transformer_ckpt),
+                                              "out": str(store)})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from ribray.store import Lease; Lease(Path(sys.argv[1])); print('held', flush=True); "
+         "time.sleep(120)", str(store)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for extra in ([], ["--overwrite"]):
+            res = runner.invoke(app, ["submit", str(job), "--no-dashboard", *extra])
+            lines = [ln for ln in res.output.splitlines() if ln.strip()]
+            assert res.exit_code == 2 and len(lines) == 1, res.output
+            assert f"being written by pid {holder.pid}" in lines[0]
+        assert not store.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    res = runner.invoke(app, ["submit", str(job), "--no-dashboard"])
+    assert res.exit_code == 0, res.output
+    assert zarr.open_group(str(store), mode="r").attrs["status"] == "complete"
+    assert not Path(str(store) + ".lock").exists()  # released at the end
