@@ -38,6 +38,7 @@ from ribray.config import JobSpec, ModAddData, RaySpec
 from ribray.data import shard_ranges
 from ribray.math.accumulators import Moments
 from ribray.math.sequential import TokenEmbed
+from ribray.progress import Event, Reporter
 from ribray.shards import ShardComputer
 from ribray.store import StoreError, StoreWriter, check_path
 
@@ -91,7 +92,7 @@ class LibWorker:
 
     def ready(self) -> dict[str, Any]:
         """Where this worker runs: device, process id and Ray node id (logged by the driver)."""
-        return {"device": self.device, "pid": os.getpid(),
+        return {"device": self.device, "pid": os.getpid(), "gpus": ray.get_gpu_ids(),
                 "node": ray.get_runtime_context().get_node_id()}
 
 
@@ -99,12 +100,17 @@ class RayBackend:
     """The pipeline's Backend on a pool of :class:`LibWorker` actors.
 
     With a ``cache`` (the :class:`~ribray.store.StoreWriter`), every shard's partial sum is kept
-    as it arrives and the shards an earlier run kept are not computed again.
+    as it arrives and the shards an earlier run kept are not computed again. Each finished
+    shard is reported to ``report`` (:class:`ribray.progress.Reporter`); without one, a log line
+    every two seconds.
     """
 
     def __init__(self, workers: list, shards: list[tuple[int, int]], log: Log,
-                 cache: StoreWriter | None = None):
+                 cache: StoreWriter | None = None, report: Reporter | None = None,
+                 job_name: str = "", tokens_per_sample: int = 1):
         self.workers, self.shards, self.log, self.cache = workers, shards, log, cache
+        self.report = report or Reporter(log)
+        self.job_name, self.tokens_per_sample = job_name, tokens_per_sample
 
     def _map(self, phase: str, method: str, *args: Any) -> dict[int, Any]:
         refs = [ray.put(a) if isinstance(a, np.ndarray) else a for a in args]
@@ -114,7 +120,7 @@ class RayBackend:
         todo = [s for s in range(len(self.shards)) if s not in done][::-1]
         in_flight: dict[Any, tuple[int, int]] = {}
         idle = list(range(len(self.workers)))
-        t0, last = time.perf_counter(), 0.0
+        t0, samples = time.perf_counter(), 0
         while todo or in_flight:
             while todo and idle:
                 w, s = idle.pop(), todo.pop()
@@ -129,6 +135,7 @@ class RayBackend:
                     check_partial(done[s], f"{phase}, shard {s} {self.shards[s]}")
                     if self.cache is not None:
                         self.cache.save_partial(phase, s, done[s])
+                    samples += self.shards[s][1] - self.shards[s][0]
                 except ray.exceptions.RayTaskError as exc:
                     cause = exc.cause if exc.cause is not None else exc
                     raise WorkerError(f"{phase}, shard {s} {self.shards[s]}: "
@@ -136,14 +143,10 @@ class RayBackend:
                 except ray.exceptions.RayActorError as exc:
                     raise WorkerError(f"{phase}, shard {s} {self.shards[s]}: worker died and "
                                       f"could not be restarted ({type(exc).__name__})") from None
-            now = time.perf_counter()
-            if now - last > 2.0 or not (todo or in_flight):
-                last = now
-                self.log(f"  {phase}: {len(done)}/{len(self.shards)} shards, "
-                         f"{now - t0:.1f}s")
-                if self.cache is not None:
-                    self.cache.progress({"phase": phase, "shards_done": len(done),
-                                         "shards": len(self.shards)})
+            elapsed = time.perf_counter() - t0
+            rate = samples / elapsed if elapsed > 0 else 0.0
+            self.report(Event(self.job_name, phase, len(done), len(self.shards), elapsed, rate,
+                              rate * self.tokens_per_sample))
         return done
 
     def gram(self, layers: list[str]):
@@ -250,13 +253,17 @@ def preflight(job: JobSpec, out: Path, overwrite: bool) -> dict[str, Any]:
                 raise PreflightError("out", f"{out}: the store was started with another "
                                             f"{'checkpoint' if what == 'model' else 'data set'}"
                                             f" (sha256 differs); pass --overwrite to replace it")
+    tokens = int(data.inputs.shape[1]) if isinstance(model.embed, TokenEmbed) else 1
     return {"widths": {n: model.width(n) for n in layers}, "n_samples": len(data),
-            "fingerprints": prints, "state": state}
+            "fingerprints": prints, "state": state, "tokens_per_sample": tokens}
 
 
 def run_job(job: JobSpec, out: Path, address: str | None = None, overwrite: bool = False,
-            dashboard: bool = True, log: Log = print) -> dict[str, float]:
-    """Run a LIB job end to end and write the store at ``out``; returns seconds per phase."""
+            dashboard: bool = True, log: Log = print, bars: bool = False,
+            on_progress: Callable[[Event], None] | None = None) -> dict[str, float]:
+    """Run a LIB job end to end and write the store at ``out``; returns seconds per phase.
+    ``bars``: rich progress bars on stderr instead of progress log lines; ``on_progress``
+    receives every :class:`ribray.progress.Event` (one per finished shard)."""
     t_start = time.perf_counter()
     info = preflight(job, out, overwrite)
     if info["state"] == "complete":
@@ -290,15 +297,23 @@ def run_job(job: JobSpec, out: Path, address: str | None = None, overwrite: bool
             f"workers ({', '.join(sorted({w['device'] for w in where}))}); node layers "
             f"{', '.join(job.basis.node_layers)}")
         for i, w in enumerate(where):
-            log(f"  worker {i}: pid {w['pid']} on node {w['node']} ({w['device']})")
+            log(f"  worker {i}: pid {w['pid']} on node {w['node']} ({w['device']}, GPU ids "
+                f"{w['gpus'] or 'none'})")
         writer = StoreWriter(out, {
             "config": job_dict, "config_hash": job.fingerprint(),
             "node_layers": list(job.basis.node_layers), "basis": job.basis.kind,
             "fingerprints": info["fingerprints"], "n_samples": info["n_samples"]},
             overwrite=overwrite)
-        timings = pipeline.run(RayBackend(workers, shards, log, cache=writer),
-                               list(job.basis.node_layers), info["widths"], basis_settings(job),
-                               writer, log)
+        report = Reporter(log, store_progress=writer.progress, bars=bars,
+                          listener=on_progress)
+        tokens = info["tokens_per_sample"]
+        try:
+            timings = pipeline.run(RayBackend(workers, shards, log, cache=writer, report=report,
+                                              job_name=job.name, tokens_per_sample=tokens),
+                                   list(job.basis.node_layers), info["widths"],
+                                   basis_settings(job), writer, log)
+        finally:
+            report.close()
     except BaseException as exc:
         if writer is not None:
             writer.fail(f"{type(exc).__name__}: {exc}")

@@ -1,6 +1,7 @@
 """Fault injection on a local multi-node Ray cluster (run by tests/test_resume.py).
 
     python tests/fault_injection.py OUT_DIR
+    python tests/fault_injection.py placement OUT_DIR
 
 Starts ``ray.cluster_utils.Cluster``: a head without CPUs (so the driver's objects live on a
 node that stays) and three worker nodes of one CPU each, two of them holding LibWorker actors
@@ -131,6 +132,32 @@ def worker_pids(lines: list[str]) -> list[tuple[int, str]]:
             for m in [re.search(r"worker \d+: pid (\d+) on node (\w+)", ln)] if m]
 
 
+def placement(out_dir: Path) -> None:
+    """A cluster of two nodes with one (fake) GPU and two CPUs each, and a job that leaves the
+    worker count to ribray: one worker per GPU, each holding one GPU, on distinct nodes."""
+    import ray
+    import yaml
+    from ray.cluster_utils import Cluster
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    job = job_file(out_dir)
+    spec = yaml.safe_load(job.read_text())
+    spec["ray"].pop("num_workers")
+    job.write_text(yaml.safe_dump(spec))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=2, num_gpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        lines = in_process(job, out_dir / "gpus.zarr")
+        status = dict(zarr.open_group(str(out_dir / "gpus.zarr"), mode="r").attrs)["status"]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    print("PLACEMENT-JSON " + json.dumps({"log": lines, "status": status}))
+
+
 def main(out_dir: Path) -> None:
     import ray
     from ray.cluster_utils import Cluster
@@ -186,4 +213,7 @@ def main(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[1] == "placement":
+        placement(Path(sys.argv[2]))
+    else:
+        main(Path(sys.argv[1]))

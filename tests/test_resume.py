@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -38,6 +39,51 @@ def faults(tmp_path_factory) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FAULTS-JSON ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(lines[0].removeprefix("FAULTS-JSON "))
+
+
+def test_one_worker_per_gpu_on_a_multi_node_cluster(tmp_path):
+    """Two nodes with one fake GPU each: without ray.num_workers, ribray starts one worker per
+    GPU, each holding one GPU (Ray's GPU ids), on distinct nodes; the job completes (the
+    workers fall back to the CPU because no CUDA device exists)."""
+    env = {**os.environ, "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN")
+           or secrets.token_hex(16)}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "fault_injection.py"),
+                           "placement", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PLACEMENT-JSON ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(lines[0].removeprefix("PLACEMENT-JSON "))
+    workers = [re.search(r"worker \d+: pid \d+ on node (\w+) \((\w+), GPU ids \[(\d+)\]\)", ln)
+               for ln in r["log"] if "worker " in ln and " pid " in ln]
+    assert len(workers) == 2 and all(workers), r["log"][:4]
+    assert len({m.group(1) for m in workers}) == 2  # one per node
+    assert r["status"] == "complete"
+
+
+def test_progress_is_reported(ray_local, small_transformer_ckpt, tmp_path):
+    """Every phase reports shards done with rates; the store's progress attribute is there
+    while the job runs and gone once it is complete."""
+    from ribray.config import load_job
+    from ribray.orchestrate import run_job
+    from ribray.progress import Event, Reporter
+
+    job = write_job(tmp_path / "job.yaml", **{"model.path": str(small_transformer_ckpt)})
+    seen: list[dict] = []
+    lines: list[str] = []
+    run_job(load_job(job), tmp_path / "s.zarr", dashboard=False, log=lines.append,
+            on_progress=lambda ev: seen.append(ev.as_dict()))
+    phases = {e["phase"] for e in seen}
+    assert phases == {"gram", "M/ln1.0", "M/ln2.0", "M/unembed", "edges/ln1.0--ln2.0",
+                      "edges/ln2.0--unembed", "edges/unembed--output"}
+    finals = [e for e in seen if e["done"] == e["total"]]
+    assert len(finals) == len(phases) and all(e["eta"] == 0.0 for e in finals)
+    assert all(e["samples_per_s"] > 0 and e["tokens_per_s"] == 3 * e["samples_per_s"]
+               for e in finals)  # modular addition: 3 tokens per sample
+    assert any("samples/s" in ln and "tokens/s" in ln for ln in lines)
+    assert "progress" not in zarr.open_group(str(tmp_path / "s.zarr"), mode="r").attrs
+    bars = Reporter(lambda s: None, bars=True)  # the terminal view renders without a terminal
+    bars(Event("j", "gram", 1, 2, 0.5, 10.0, 30.0))
+    bars.close()
 
 
 def _check(result: dict, fault: str) -> None:
