@@ -124,6 +124,13 @@ class Lease:
         self.path = _lock_path(store)
         self.info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
         self._stop = threading.Event()
+        try:  # the common case, no lease at all, is taken exclusively
+            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            holder = self.holder(store)  # a stale lease is taken over, a live one is not
+            if holder is not None:
+                raise StoreError(f"{store}: being written by {holder}; wait for that job or "
+                                 f"stop it") from None
         self._write()
         self._thread = threading.Thread(target=self._beat, daemon=True,
                                         name=f"ribray-lease-{self.path.name}")
@@ -194,21 +201,19 @@ class StoreWriter:
         state = check_path(self.path, overwrite, attrs.get("config"))
         if state == "complete":
             raise StoreError(f"{self.path}: complete already")
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # the lease lies beside the store
         self.lease = Lease(self.path)
         try:
             self.resumed = state == "resume"
             if self.resumed:
                 self.root = zarr.open_group(str(self.path), mode="r+")
-                self.root.attrs.update({"status": "running", "timings": {},
-                                        "resumes": int(self.root.attrs.get("resumes", 0)) + 1,
-                                        **{k: v for k, v in attrs.items() if k != "config"},
-                                        "config": attrs.get("config")})
+                self.root.attrs.update({**attrs, "status": "running", "timings": {},
+                                        "resumes": int(self.root.attrs.get("resumes", 0)) + 1})
                 if "error" in self.root.attrs:
                     del self.root.attrs["error"]
             else:
                 if self.path.is_dir():  # an old ribray store, and overwrite was asked for
                     shutil.rmtree(self.path)
-                self.path.parent.mkdir(parents=True, exist_ok=True)
                 self.root = zarr.open_group(str(self.path), mode="w")
                 self.root.attrs.update({"ribray_version": __version__,
                                         "format_version": FORMAT_VERSION, "status": "running",

@@ -70,7 +70,8 @@ def test_progress_is_reported(ray_local, small_transformer_ckpt, tmp_path):
     job = write_job(tmp_path / "job.yaml", **{"model.path": str(small_transformer_ckpt)})
     seen: list[dict] = []
     lines: list[str] = []
-    run_job(load_job(job), tmp_path / "s.zarr", dashboard=False, log=lines.append,
+    store = tmp_path / "new" / "folder" / "s.zarr"  # folders that do not exist yet
+    run_job(load_job(job), store, dashboard=False, log=lines.append,
             on_progress=lambda ev: seen.append(ev.as_dict()))
     phases = {e["phase"] for e in seen}
     assert phases == {"gram", "M/ln1.0", "M/ln2.0", "M/unembed", "edges/ln1.0--ln2.0",
@@ -80,7 +81,7 @@ def test_progress_is_reported(ray_local, small_transformer_ckpt, tmp_path):
     assert all(e["samples_per_s"] > 0 and e["tokens_per_s"] == 3 * e["samples_per_s"]
                for e in finals)  # modular addition: 3 tokens per sample
     assert any("samples/s" in ln and "tokens/s" in ln for ln in lines)
-    assert "progress" not in zarr.open_group(str(tmp_path / "s.zarr"), mode="r").attrs
+    assert "progress" not in zarr.open_group(str(store), mode="r").attrs
     bars = Reporter(lambda s: None, bars=True)  # the terminal view renders without a terminal
     bars(Event("j", "gram", 1, 2, 0.5, 10.0, 30.0))
     bars.close()
