@@ -8,14 +8,21 @@ marked ``failed``.
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from ribray.remote import Remote
+
+T = TypeVar("T")
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="LIB (Local Interaction Basis) jobs on Ray.")
@@ -29,6 +36,11 @@ USER_ERROR = 2
 def _fail(msg: str, code: int = USER_ERROR) -> typer.Exit:
     err.print(f"error: {msg}", markup=False)
     return typer.Exit(code)
+
+
+def _line(text: str) -> None:
+    """One plain line on stdout (no markup, never wrapped)."""
+    out.print(text, markup=False, soft_wrap=True)
 
 
 def _load(job_file: Path):
@@ -65,11 +77,22 @@ def submit(
     overwrite: Annotated[bool, typer.Option(help="replace an existing store")] = False,
     dashboard: Annotated[bool, typer.Option(help="start the Ray dashboard (127.0.0.1) with a "
                                                  "local instance")] = True,
+    follow: Annotated[bool, typer.Option(help="with an http address: stream the job's logs "
+                                              "until it ends; exit 0 only if it succeeded")
+                      ] = False,
 ) -> None:
-    """Run a LIB job on Ray and write its Zarr store."""
-    from ribray.orchestrate import PreflightError, run_job
+    """Run a LIB job on Ray and write its Zarr store (http address: via the Jobs API)."""
+    from ribray.remote import SUBMISSION_ENV, is_http
 
     job = _load(job_file)
+    if is_http(address):
+        if os.environ.get(SUBMISSION_ENV):  # never resubmit from the driver of a submission
+            raise _fail(f"RAY_ADDRESS={address} inside submitted job "
+                        f"{os.environ[SUBMISSION_ENV]}: expected the cluster's GCS address")
+        _submit_remote(job_file, job, address, out_path, overwrite, follow)
+        return
+    from ribray.orchestrate import PreflightError, run_job
+
     store = out_path or Path(job.out)
     try:
         run_job(job, store, address=address, overwrite=overwrite, dashboard=dashboard,
@@ -80,6 +103,173 @@ def submit(
         raise _fail(f"{job_file}: run failed: {type(exc).__name__}: {exc}"
                     f"{_store_state(store)}", 1) from None
     out.print(f"wrote {store}")
+
+
+def _submit_remote(job_file: Path, job, address: str, out_path: Path | None, overwrite: bool,
+                   follow: bool) -> None:
+    """``submit`` through the Jobs API: print the job id; with ``follow``, its logs and end."""
+    from ribray.remote import RemoteError, plan_submission, short_message
+
+    try:
+        plan = plan_submission(job_file, job, out_path, overwrite)
+    except RemoteError as exc:
+        raise _fail(str(exc)) from None
+    remote = _remote(address, "submit")
+    wd = plan.runtime_env.get("working_dir")
+    if wd and "://" not in wd:
+        err.print(f"uploading {wd} (runtime_env.working_dir)", markup=False)
+    job_id = _remote_call(lambda: remote.submit(plan))
+    _line(job_id)
+    err.print(f"submitted {job_id} to {remote.address} (store {plan.store}); ribray status "
+              f"{job_id} | ribray logs {job_id} --follow | ribray stop {job_id}", markup=False)
+    if follow:
+        status = _follow(remote, job_id)
+        if status != "SUCCEEDED":
+            why = short_message(_remote_call(lambda: remote.info(job_id)).message)
+            raise _fail(f"job {job_id} ended {status}" + (f": {why}" if why else ""), 1)
+        _line(f"job {job_id}: {status}")
+
+
+def _remote(address: str | None, command: str) -> Remote:
+    """A :class:`ribray.remote.Remote` for an http(s) address, or exit 2 with one line."""
+    from ribray.remote import Remote, RemoteError, is_http
+
+    if not is_http(address):
+        got = f" (got {address!r})" if address else ""
+        raise _fail(f"ribray {command} talks to the Ray Jobs API: pass --address "
+                    f"http://HEAD:8265 or set RAY_ADDRESS to it{got}")
+    try:
+        return Remote(address)
+    except RemoteError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _remote_call(call: Callable[[], T]) -> T:
+    """Run a call on the cluster; a :class:`ribray.remote.RemoteError` exits 2 with its line,
+    anything else exits 1 with one line."""
+    from ribray.remote import RemoteError
+
+    try:
+        return call()
+    except RemoteError as exc:
+        raise _fail(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - one line, no traceback
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), "")
+        raise _fail(f"{type(exc).__name__}: {first}", 1) from None
+
+
+def _follow(remote: Remote, job_id: str) -> str:
+    """Stream a job's logs to stdout until it ends; its final status."""
+    try:
+        return _remote_call(lambda: remote.follow(job_id, lambda s: typer.echo(s, nl=False)))
+    except KeyboardInterrupt:
+        raise _fail(f"stopped following; job {job_id} keeps running (ribray stop {job_id})",
+                    130) from None
+
+
+ADDRESS_HELP = "Ray dashboard address, http://HEAD:8265"
+
+
+@app.command()
+def status(
+    job_id: Annotated[str | None, typer.Argument(help="submission id; default: list ribray's "
+                                                      "jobs")] = None,
+    address: Annotated[str | None, typer.Option(help=ADDRESS_HELP, envvar="RAY_ADDRESS",
+                                                show_envvar=True)] = None,
+) -> None:
+    """List the cluster's ribray jobs, or show one job and its store's progress."""
+    from ribray.remote import (
+        format_progress,
+        format_time,
+        short_message,
+        store_state,
+        why_unreadable,
+    )
+
+    remote = _remote(address, "status")
+    if job_id is None:
+        rows = [["id", "name", "status", "started", "store"]]
+        for j in _remote_call(remote.jobs):
+            meta = j.metadata or {}
+            rows.append([j.submission_id or j.job_id or "?", meta.get("name", ""), str(j.status),
+                         format_time(j.start_time), meta.get("store", "")])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        for r in rows:  # one line per job, whatever the terminal width
+            _line("  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[-1]]))
+        return
+    info = _remote_call(lambda: remote.info(job_id))
+    meta = info.metadata or {}
+    _line(f"job {job_id}: {info.status} (started {format_time(info.start_time)}, ended "
+          f"{format_time(info.end_time)})")
+    if info.message:
+        _line(f"  message: {short_message(info.message)}")
+    for key in ("name", "config_hash", "store"):
+        if key in meta:
+            _line(f"  {key}: {meta[key]}")
+    if "store" not in meta:
+        return
+    state = store_state(meta["store"])
+    if state is None:
+        _line(f"  store status: {why_unreadable(meta['store'])}")
+        return
+    line = f"  store status: {state.get('status', '?')}"
+    if state.get("progress"):
+        line += f"; progress: {format_progress(state['progress'])}"
+    if state.get("error"):
+        line += f"; error: {state['error']}"
+    _line(line)
+
+
+@app.command()
+def logs(
+    job_id: Annotated[str, typer.Argument(help="submission id")],
+    follow: Annotated[bool, typer.Option(help="keep streaming until the job ends")] = False,
+    address: Annotated[str | None, typer.Option(help=ADDRESS_HELP, envvar="RAY_ADDRESS",
+                                                show_envvar=True)] = None,
+) -> None:
+    """Print a submitted job's logs (its driver's stdout and stderr)."""
+    remote = _remote(address, "logs")
+    if follow:
+        status = _follow(remote, job_id)
+        err.print(f"job {job_id}: {status}", markup=False)
+        return
+    typer.echo(_remote_call(lambda: remote.logs(job_id)), nl=False)
+
+
+@app.command()
+def stop(
+    job_id: Annotated[str, typer.Argument(help="submission id")],
+    address: Annotated[str | None, typer.Option(help=ADDRESS_HELP, envvar="RAY_ADDRESS",
+                                                show_envvar=True)] = None,
+) -> None:
+    """Stop a submitted job and wait (up to 30 s) until it has stopped."""
+    remote = _remote(address, "stop")
+    from ribray.remote import TERMINAL
+
+    before, after = _remote_call(lambda: remote.stop(job_id))
+    if before in TERMINAL:
+        _line(f"job {job_id}: already {after}")
+    elif after in TERMINAL:
+        _line(f"job {job_id}: {after}")
+    else:
+        raise _fail(f"job {job_id}: stop requested, still {after} after 30 s", 1)
+
+
+@app.command()
+def doctor(
+    address: Annotated[str | None, typer.Option(help="Ray dashboard (http://HEAD:8265) or GCS "
+                                                     "(HOST:6379) address", envvar="RAY_ADDRESS",
+                                                show_envvar=True)] = None,
+    store: Annotated[Path | None, typer.Option(help="store path to check for writing")] = None,
+) -> None:
+    """Check a cluster address, its token, its CPUs and GPUs, and a store path."""
+    from ribray.remote import doctor as run_checks
+
+    checks = run_checks(address, store)
+    for c in checks:
+        _line(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
 
 
 def _store_state(store: Path) -> str:

@@ -111,6 +111,31 @@ class RaySpec(Strict):
     batch_size: Annotated[int, Field(ge=1, description="samples per forward pass")] = 256
 
 
+DEFAULT_EXCLUDES = [".git", ".venv", ".ci-venv", "results", "*.zarr", "__pycache__"]
+
+
+class RuntimeEnvSpec(Strict):
+    """How ``ribray submit --address http://...`` ships the job to a cluster (Ray Jobs
+    ``runtime_env``); ignored by a direct run."""
+
+    working_dir: str | None = Field(None, description="local folder (relative to the working "
+                                                      "directory) or remote URI uploaded as the "
+                                                      "job's working directory; null: no upload")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="environment of the "
+                                                                       "driver and workers")
+    excludes: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDES),
+                                description="gitignore-style patterns left out of the upload")
+    pip: list[str] = Field(default_factory=list, description="pip requirements installed on "
+                                                             "the cluster for this job")
+
+    @field_validator("env_vars")
+    @classmethod
+    def _no_ray_address(cls, v: dict[str, str]) -> dict[str, str]:
+        if "RAY_ADDRESS" in v:
+            raise ValueError("RAY_ADDRESS is set by Ray Jobs on the cluster; remove it")
+        return v
+
+
 class JobSpec(Strict):
     name: str
     model: ModelSpec
@@ -118,11 +143,15 @@ class JobSpec(Strict):
     basis: BasisSpec
     edges: EdgesSpec = EdgesSpec()
     ray: RaySpec = RaySpec()
+    runtime_env: RuntimeEnvSpec = RuntimeEnvSpec()
     out: str = Field(description="Zarr store to write")
 
     def fingerprint(self) -> str:
-        """sha256 of the resolved job (stable field order)."""
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
+        """sha256 of the resolved job (stable field order), without ``runtime_env``: how a job
+        is shipped to a cluster does not change its results, and leaving it out keeps the
+        ``config_hash`` of stores written before the field existed."""
+        cfg = self.model_dump(exclude={"runtime_env"})
+        return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
 
 
 class JobFileError(ValueError):
