@@ -96,7 +96,7 @@ def submit(
     store = out_path or Path(job.out)
     try:
         run_job(job, store, address=address, overwrite=overwrite, dashboard=dashboard,
-                log=lambda s: err.print(s, markup=False))
+                log=lambda s: err.print(s, markup=False), bars=err.is_terminal)
     except PreflightError as exc:
         raise _fail(f"{job_file}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - a failed run: one line, the store says failed

@@ -32,15 +32,19 @@ class Backend(Protocol):
 
 
 class Sink(Protocol):
-    """Receives each result as soon as it exists; the ``stored_*`` methods return what an
-    earlier, interrupted run of the same job already wrote (None/False: nothing), so a resumed
-    run recomputes only the rest."""
+    """Receives each result as soon as it exists."""
 
     def gram(self, layer: str, mean: np.ndarray, gram: np.ndarray, count: int) -> None: ...
 
     def basis(self, layer: str, b: bases.Basis) -> None: ...
 
     def edges(self, layer: str, next_layer: str, E: np.ndarray) -> None: ...
+
+
+class ResumableSink(Sink, Protocol):
+    """A sink that also returns what an earlier, interrupted run of the same job already wrote
+    (None/False: nothing), so a resumed run recomputes only the rest (the Zarr store's writer).
+    A plain :class:`Sink` is never resumed."""
 
     def stored_stats(self, layer: str) -> tuple[np.ndarray, np.ndarray, int] | None: ...
 
@@ -64,7 +68,7 @@ def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: B
     timings: dict[str, float] = {"gram": 0.0, "basis_M": 0.0, "edges": 0.0}
     t0 = time.perf_counter()
     stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    stored = {n: sink.stored_stats(n) for n in layers}
+    stored = {n: _stored(sink, "stored_stats", n) for n in layers}
     if all(v is not None for v in stored.values()):
         stats = {n: (v[0], v[1]) for n, v in stored.items() if v is not None}
         log("gram: written by an earlier run")
@@ -82,14 +86,14 @@ def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: B
 
     final = layers[-1]
     results: dict[str, bases.Basis] = {}
-    kept = sink.stored_basis(final)
+    kept = _stored(sink, "stored_basis", final)
     results[final] = kept if kept is not None else _final_basis(final, widths, stats, settings)
     if kept is None:
         sink.basis(final, results[final])
     for i in range(len(layers) - 2, -1, -1):
         layer, nxt = layers[i], layers[i + 1]
         t1 = time.perf_counter()
-        kept = sink.stored_basis(layer)
+        kept = _stored(sink, "stored_basis", layer)
         if kept is not None:
             results[layer] = kept
             log(f"basis {layer}: written by an earlier run")
@@ -100,7 +104,7 @@ def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: B
             sink.basis(layer, results[layer])
             log(f"basis {layer}: {results[layer].n_features} features, "
                 f"{time.perf_counter() - t1:.1f}s")
-        if settings.compute_edges and not sink.stored_edges(layer, nxt):
+        if settings.compute_edges and not _stored(sink, "stored_edges", layer, nxt):
             t2 = time.perf_counter()
             b_in, b_out = results[layer], results[nxt]
             s = reduce_in_order(backend.edges(layer, nxt, b_in.C, b_in.C_pinv, b_out.C))
@@ -108,6 +112,12 @@ def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: B
             timings["edges"] += time.perf_counter() - t2
             log(f"edges {layer} -> {nxt}: {time.perf_counter() - t2:.1f}s")
     return timings
+
+
+def _stored(sink: Sink, method: str, *args: str):
+    """What a :class:`ResumableSink` kept (None for a plain sink)."""
+    fn = getattr(sink, method, None)
+    return fn(*args) if fn is not None else None
 
 
 def _final_basis(final: str, widths: dict[str, int], stats: dict, settings: BasisSettings
@@ -154,12 +164,3 @@ class MemorySink:
 
     def edges(self, layer: str, next_layer: str, E: np.ndarray) -> None:
         self.edge_sets[(layer, next_layer)] = E
-
-    def stored_stats(self, layer: str) -> None:
-        return None
-
-    def stored_basis(self, layer: str) -> None:
-        return None
-
-    def stored_edges(self, layer: str, next_layer: str) -> bool:
-        return False

@@ -349,18 +349,20 @@ def why_unreadable(store: str) -> str:
 
 
 def format_progress(progress: Mapping[str, Any]) -> str:
-    """``phase M, layer ln2.0, shards 3/8`` from a store's ``progress`` attribute."""
+    """``phase M/ln2.0, shards 3/8, 120 samples/s, ETA 40s`` from a store's ``progress``
+    attribute (written by :class:`ribray.progress.Reporter`)."""
     parts = []
-    for key, value in progress.items():
-        if key == "shards_done":
-            continue
-        if key == "shards" and "shards_done" in progress:
-            parts.append(f"shards {progress['shards_done']}/{value}")
-        else:
-            parts.append(f"{key} {value}")
-    if "shards_done" in progress and "shards" not in progress:
-        parts.append(f"shards done {progress['shards_done']}")
-    return ", ".join(parts)
+    if "phase" in progress:
+        parts.append(f"phase {progress['phase']}")
+    if "done" in progress and "total" in progress:
+        parts.append(f"shards {progress['done']}/{progress['total']}")
+    if progress.get("samples_per_s"):
+        parts.append(f"{progress['samples_per_s']:.0f} samples/s")
+    if progress.get("tokens_per_s"):
+        parts.append(f"{progress['tokens_per_s']:.0f} tokens/s")
+    if progress.get("eta") is not None:
+        parts.append(f"ETA {progress['eta']:.0f}s")
+    return ", ".join(parts) or str(dict(progress))
 
 
 def short_message(message: str | None) -> str:
