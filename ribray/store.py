@@ -411,12 +411,17 @@ class AnalysisWriter:
     def __init__(self, path: Path, attrs: dict[str, Any], overwrite: bool = False):
         self.path = Path(path)
         check_analysis_target(self.path, overwrite)
-        self.root = zarr.open_group(str(self.path), mode="r+")
-        if ANALYSIS in self.root:
-            del self.root[ANALYSIS]
-        self.group = self.root.create_group(ANALYSIS)
-        self.group.attrs.update({"ribray_version": __version__, "status": "running",
-                                 "timings": {}, **attrs})
+        self.lease = Lease(self.path)  # one writer at a time, analysis or job
+        try:
+            self.root = zarr.open_group(str(self.path), mode="r+")
+            if ANALYSIS in self.root:
+                del self.root[ANALYSIS]
+            self.group = self.root.create_group(ANALYSIS)
+            self.group.attrs.update({"ribray_version": __version__, "status": "running",
+                                     "timings": {}, **attrs})
+        except BaseException:
+            self.lease.release()
+            raise
 
     def _array(self, group: zarr.Group, name: str, data: np.ndarray, dims: list[str]) -> None:
         data = np.ascontiguousarray(data)
@@ -461,15 +466,20 @@ class AnalysisWriter:
 
     def finish(self, attrs: dict[str, Any]) -> None:
         self.group.attrs.update({**attrs, "status": "complete"})
+        self.lease.release()
 
     def fail(self, reason: str) -> None:
         self.group.attrs.update({"status": "failed", "error": reason})
+        self.lease.release()
 
 
 def check_analysis_target(path: Path, overwrite: bool) -> zarr.Group:
     """The store at ``path`` must be a complete ribray store; an analysis already in it is
     refused unless ``overwrite``. Changes nothing; raises :class:`StoreError`."""
     root = open_store(path)
+    holder = Lease.holder(path)
+    if holder is not None:
+        raise StoreError(f"{path}: being written by {holder}; wait for that job or stop it")
     status = root.attrs.get("status")
     if status != "complete":
         raise StoreError(f"{path}: the store's status is {status!r}; only a complete store can "

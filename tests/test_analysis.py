@@ -420,6 +420,21 @@ def test_analyze_bad_inputs(lib_store, tmp_path):
     r = run(None, target=tmp_path / "missing.zarr")
     assert r.exit_code == 2 and "not a Zarr store" in r.output
     assert "analysis" not in open_store(store)  # nothing was written by any of these
+    # a store another live process writes (its lease) is refused
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from ribray.store import Lease; Lease(Path(sys.argv[1])); print('held', flush=True); "
+         "time.sleep(60)", str(store)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = run(None)
+        assert r.exit_code == 2 and f"being written by pid {holder.pid}" in r.output
+    finally:
+        holder.kill()
+        holder.wait()
     root = __import__("zarr").open_group(str(store), mode="r+")
     # a checkpoint that is not the one the store was computed from is refused
     prints = dict(root.attrs["fingerprints"])
