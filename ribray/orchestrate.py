@@ -40,7 +40,7 @@ from ribray.math.accumulators import Moments
 from ribray.math.sequential import TokenEmbed
 from ribray.progress import Event, Reporter
 from ribray.shards import ShardComputer
-from ribray.store import StoreError, StoreWriter, check_path
+from ribray.store import Lease, StoreError, StoreWriter, check_path, take_lease
 
 Log = Callable[[str], None]
 MAX_RESTARTS = 8
@@ -120,7 +120,7 @@ class RayBackend:
         todo = [s for s in range(len(self.shards)) if s not in done][::-1]
         in_flight: dict[Any, tuple[int, int]] = {}
         idle = list(range(len(self.workers)))
-        t0, samples = time.perf_counter(), 0
+        t0, samples, computed = time.perf_counter(), 0, 0
         while todo or in_flight:
             while todo and idle:
                 w, s = idle.pop(), todo.pop()
@@ -136,6 +136,7 @@ class RayBackend:
                     if self.cache is not None:
                         self.cache.save_partial(phase, s, done[s])
                     samples += self.shards[s][1] - self.shards[s][0]
+                    computed += 1
                 except ray.exceptions.RayTaskError as exc:
                     cause = exc.cause if exc.cause is not None else exc
                     raise WorkerError(f"{phase}, shard {s} {self.shards[s]}: "
@@ -146,7 +147,7 @@ class RayBackend:
             elapsed = time.perf_counter() - t0
             rate = samples / elapsed if elapsed > 0 else 0.0
             self.report(Event(self.job_name, phase, len(done), len(self.shards), elapsed, rate,
-                              rate * self.tokens_per_sample))
+                              rate * self.tokens_per_sample, computed))
         return done
 
     def gram(self, layers: list[str]):
@@ -271,6 +272,20 @@ def run_job(job: JobSpec, out: Path, address: str | None = None, overwrite: bool
         return dict(zarr.open_group(str(out), mode="r").attrs.get("timings", {}))
     if info["state"] == "resume":
         log(f"{job.name}: resuming {out}: only what is not complete is computed")
+    try:  # taken before Ray starts: a second writer is refused as a pre-flight error
+        lease = take_lease(out)
+    except StoreError as exc:
+        raise PreflightError("out", str(exc)) from None
+    try:
+        return _run(job, out, address, overwrite, dashboard, log, bars, on_progress, info,
+                    lease, t_start)
+    finally:
+        lease.release()  # a no-op once the writer released it; never another job's lease
+
+
+def _run(job: JobSpec, out: Path, address: str | None, overwrite: bool, dashboard: bool,
+         log: Log, bars: bool, on_progress: Callable[[Event], None] | None,
+         info: dict[str, Any], lease: Lease, t_start: float) -> dict[str, float]:
     t_pre = time.perf_counter()
     connect(address, dashboard)
     t_ray = time.perf_counter()
@@ -303,7 +318,7 @@ def run_job(job: JobSpec, out: Path, address: str | None = None, overwrite: bool
             "config": job_dict, "config_hash": job.fingerprint(),
             "node_layers": list(job.basis.node_layers), "basis": job.basis.kind,
             "fingerprints": info["fingerprints"], "n_samples": info["n_samples"]},
-            overwrite=overwrite)
+            overwrite=overwrite, lease=lease)
         report = Reporter(log, store_progress=writer.progress, bars=bars,
                           listener=on_progress)
         tokens = info["tokens_per_sample"]
@@ -314,18 +329,18 @@ def run_job(job: JobSpec, out: Path, address: str | None = None, overwrite: bool
                                    basis_settings(job), writer, log)
         finally:
             report.close()
+        timings["preflight"] = t_pre - t_start
+        timings["ray_start"] = t_ray - t_pre
+        timings["workers_start"] = t_workers - t_ray
+        timings["total"] = time.perf_counter() - t_start
+        writer.finish(timings)
     except BaseException as exc:
-        if writer is not None:
+        if writer is not None and writer.root.attrs.get("status") != "complete":
             writer.fail(f"{type(exc).__name__}: {exc}")
         raise
     finally:
         for w in workers:
             with contextlib.suppress(Exception):  # the results are in; never fail on cleanup
                 ray.kill(w)
-    timings["preflight"] = t_pre - t_start
-    timings["ray_start"] = t_ray - t_pre
-    timings["workers_start"] = t_workers - t_ray
-    timings["total"] = time.perf_counter() - t_start
-    writer.finish(timings)
     log(f"{job.name}: complete in {timings['total']:.1f}s -> {out}")
     return timings

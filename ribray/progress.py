@@ -30,15 +30,16 @@ class Event:
     elapsed: float
     samples_per_s: float
     tokens_per_s: float
+    computed: int = 0  # shards computed by this run (done also counts those kept before)
 
     @property
     def eta(self) -> float | None:
         """Seconds left at this run's rate (None before the first shard of this run)."""
         if self.done >= self.total:
             return 0.0
-        if self.samples_per_s <= 0:
+        if self.computed <= 0:
             return None
-        return self.elapsed / max(self.done, 1) * (self.total - self.done)
+        return self.elapsed / self.computed * (self.total - self.done)
 
     def line(self) -> str:
         eta = self.eta

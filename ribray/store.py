@@ -53,15 +53,15 @@ def _is_store(path: Path) -> bool:
     return (path / "zarr.json").is_file()
 
 
-RESULT_IRRELEVANT = {"out": None, "runtime_env": None,
-                     "ray": ("num_workers", "cpus_per_worker", "gpus_per_worker")}
+RESULT_IRRELEVANT = {"out": None, "runtime_env": None, "ray": ("num_workers",)}
 
 
 def result_hash(config: dict[str, Any]) -> str:
     """sha256 of the parts of a job that determine its numbers: everything but where the store
-    is (``out``), how it is shipped (``runtime_env``) and how many workers of which size compute
-    it. Shard and batch sizes stay in: they fix the order of float64 sums. Two runs with the
-    same result hash write bit-equal stores, so a store may be resumed by any of them."""
+    is (``out``), how it is shipped (``runtime_env``) and how many workers compute it. Shard and
+    batch sizes stay in (they fix the order of float64 sums), and so do the CPUs and GPUs per
+    worker (threads and device change the last bits). A store may be resumed by a job with the
+    same result hash and the same ribray version."""
     cfg = json.loads(json.dumps(config))
     for key, sub in RESULT_IRRELEVANT.items():
         if sub is None:
@@ -72,7 +72,14 @@ def result_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
 
 
-def check_path(path: Path, overwrite: bool, config: dict[str, Any] | None = None) -> str:
+def take_lease(store: Path) -> Lease:
+    """The store's lease, its folder made first (the lock file lies beside the store)."""
+    store.parent.mkdir(parents=True, exist_ok=True)
+    return Lease(store)
+
+
+def check_path(path: Path, overwrite: bool, config: dict[str, Any] | None = None,
+               own: Lease | None = None) -> str:
     """Check, without changing anything, what writing a job's store at ``path`` means:
     ``"new"`` (nothing there, or ``overwrite``), ``"resume"`` (a store of the same job that is
     not complete and that no live job is writing) or ``"complete"`` (the same job, finished).
@@ -80,7 +87,7 @@ def check_path(path: Path, overwrite: bool, config: dict[str, Any] | None = None
     ``overwrite``) and a store another live job is writing (always)."""
     if path.exists() and not path.is_dir():
         raise StoreError(f"{path}: output path is a file, not a directory")
-    holder = Lease.holder(path)
+    holder = None if own is not None else Lease.holder(path)
     if holder is not None:
         raise StoreError(f"{path}: being written by {holder}; wait for that job or stop it")
     for parent in path.parents:
@@ -105,6 +112,9 @@ def check_path(path: Path, overwrite: bool, config: dict[str, Any] | None = None
     if result_hash(attrs["config"]) != result_hash(config):
         raise StoreError(f"{path}: a store written by a different job configuration exists; "
                          f"pass --overwrite to replace it")
+    if attrs.get("status") != "complete" and attrs.get("ribray_version") != __version__:
+        raise StoreError(f"{path}: an unfinished store of ribray {attrs.get('ribray_version')} "
+                         f"cannot be resumed by {__version__}; pass --overwrite to start again")
     return "complete" if attrs.get("status") == "complete" else "resume"
 
 
@@ -122,35 +132,49 @@ class Lease:
 
     def __init__(self, store: Path):
         self.path = _lock_path(store)
-        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+                     "token": os.urandom(8).hex()}
         self._stop = threading.Event()
-        try:  # the common case, no lease at all, is taken exclusively
-            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        tmp = self._tmp()
+        try:  # a complete lease file linked into place: fails if any lease exists
+            os.link(tmp, self.path)
         except FileExistsError:
             holder = self.holder(store)  # a stale lease is taken over, a live one is not
             if holder is not None:
                 raise StoreError(f"{store}: being written by {holder}; wait for that job or "
                                  f"stop it") from None
-        self._write()
+            os.replace(tmp, self.path)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         self._thread = threading.Thread(target=self._beat, daemon=True,
                                         name=f"ribray-lease-{self.path.name}")
         self._thread.start()
 
-    def _write(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+    def _tmp(self) -> Path:
+        tmp = self.path.with_name(f".{self.path.name}.{self.info['token']}.tmp")
         tmp.write_text(json.dumps({**self.info, "heartbeat": time.time()}))
-        os.replace(tmp, self.path)
+        return tmp
+
+    def _owned(self) -> bool:
+        try:
+            return json.loads(self.path.read_text()).get("token") == self.info["token"]
+        except (OSError, ValueError):
+            return False
 
     def _beat(self) -> None:
         while not self._stop.wait(self.HEARTBEAT):
+            if not self._owned():  # taken over (this process was paused past the timeout)
+                return
             with contextlib.suppress(OSError):
-                self._write()
+                os.replace(self._tmp(), self.path)
 
     def release(self) -> None:
         self._stop.set()
         self._thread.join(timeout=self.HEARTBEAT + 1)
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+        if self._owned():
+            with contextlib.suppress(OSError):
+                self.path.unlink()
 
     @classmethod
     def holder(cls, store: Path) -> str | None:
@@ -163,9 +187,8 @@ class Lease:
         age = time.time() - float(info.get("heartbeat", 0))
         if age > cls.TIMEOUT:
             return None
-        if info.get("host") == socket.gethostname():
-            if info.get("pid") == os.getpid() or not _pid_alive(int(info.get("pid", -1))):
-                return None
+        if info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", -1))):
+            return None
         return f"pid {info.get('pid')} on {info.get('host')} (heartbeat {age:.0f}s ago)"
 
 
@@ -196,13 +219,17 @@ class StoreWriter:
     :meth:`stored_stats`, :meth:`stored_basis`, :meth:`stored_edges`).
     """
 
-    def __init__(self, path: Path, attrs: dict[str, Any], overwrite: bool = False):
+    def __init__(self, path: Path, attrs: dict[str, Any], overwrite: bool = False,
+                 lease: Lease | None = None):
         self.path = Path(path)
-        state = check_path(self.path, overwrite, attrs.get("config"))
-        if state == "complete":
-            raise StoreError(f"{self.path}: complete already")
-        self.path.parent.mkdir(parents=True, exist_ok=True)  # the lease lies beside the store
-        self.lease = Lease(self.path)
+        if lease is None:  # else the caller took it before starting Ray
+            state = check_path(self.path, overwrite, attrs.get("config"))
+            if state == "complete":
+                raise StoreError(f"{self.path}: complete already")
+            lease = take_lease(self.path)
+        else:
+            state = check_path(self.path, overwrite, attrs.get("config"), own=lease)
+        self.lease = lease
         try:
             self.resumed = state == "resume"
             if self.resumed:
@@ -256,16 +283,20 @@ class StoreWriter:
         g.attrs.update({"in_layer": layer, "out_layer": next_layer, "complete": True})
 
     def finish(self, timings: dict[str, float]) -> None:
-        if "partials" in self.root:
-            del self.root["partials"]
-        self.root.attrs.update({"timings": timings, "status": "complete"})
-        if "progress" in self.root.attrs:
-            del self.root.attrs["progress"]
-        self.lease.release()
+        try:
+            if "partials" in self.root:
+                del self.root["partials"]
+            if "progress" in self.root.attrs:
+                del self.root.attrs["progress"]
+            self.root.attrs.update({"timings": timings, "status": "complete"})
+        finally:
+            self.lease.release()
 
     def fail(self, reason: str) -> None:
-        self.root.attrs.update({"status": "failed", "error": reason})
-        self.lease.release()
+        try:
+            self.root.attrs.update({"status": "failed", "error": reason})
+        finally:
+            self.lease.release()
 
     def progress(self, info: dict[str, Any]) -> None:
         """The current phase for ``ribray status`` and notebooks (root attribute ``progress``)."""
@@ -296,8 +327,8 @@ class StoreWriter:
     def stored_stats(self, layer: str) -> tuple[np.ndarray, np.ndarray, int] | None:
         """(mean, covariance, n_rows) of a layer whose statistics are written, else None."""
         key = f"layers/{layer}"
-        if key not in self.root or "gram" not in self.root[key]:
-            return None
+        if key not in self.root or "n_rows" not in self.root[key].attrs:
+            return None  # attributes are written after the arrays: absent means unfinished
         g = self.root[key]
         mean, cov = np.asarray(g["mean"][...]), np.array(g["gram"][...])
         const = g.attrs.get("const_raw_index")

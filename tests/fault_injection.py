@@ -86,9 +86,16 @@ def arrays(store: Path) -> dict[str, np.ndarray]:
 def compare(a: Path, b: Path) -> dict:
     """Bit-equality of every array, and the root attributes that describe the result."""
     x, y = arrays(a), arrays(b)
-    diffs = sorted(k for k in set(x) | set(y)
+    diffs = sorted(k for k in set(x) | set(y)  # bytes: -0.0 and 0.0 differ, NaN equals NaN
                    if k not in x or k not in y or x[k].shape != y[k].shape
-                   or not np.array_equal(x[k], y[k]))
+                   or x[k].dtype != y[k].dtype or x[k].tobytes() != y[k].tobytes())
+    for top in ("layers", "edges"):  # the attributes that describe each group's contents
+        ga, gb = (dict(zarr.open_group(str(p), mode="r")[top].groups()) for p in (a, b))
+        for name in set(ga) | set(gb):
+            keys = ("n_features", "const_feature", "n_rows", "width", "complete")
+            if name not in ga or name not in gb or any(
+                    ga[name].attrs.get(k) != gb[name].attrs.get(k) for k in keys):
+                diffs.append(f"{top}/{name} attributes")
     ra = dict(zarr.open_group(str(a), mode="r").attrs)
     rb = dict(zarr.open_group(str(b), mode="r").attrs)
     same_attrs = all(ra.get(k) == rb.get(k) for k in ("node_layers", "basis", "fingerprints",

@@ -87,7 +87,7 @@ def test_progress_is_reported(ray_local, small_transformer_ckpt, tmp_path):
     bars.close()
     from ribray.remote import format_progress  # what `ribray status` prints of it
 
-    assert format_progress(Event("j", "M/ln2.0", 1, 4, 2.0, 64.0, 192.0).as_dict()) == (
+    assert format_progress(Event("j", "M/ln2.0", 1, 4, 2.0, 64.0, 192.0, 1).as_dict()) == (
         "phase M/ln2.0, shards 1/4, 64 samples/s, 192 tokens/s, ETA 6s")
 
 
