@@ -311,7 +311,8 @@ class StoreWriter:
         for name, data in arrays.items():
             self._array(g, name, data, [f"d{i}" for i in range(np.ndim(data))])
         kind = "layers" if isinstance(partial, dict) else type(partial).__name__
-        g.attrs.update({"counts": counts, "kind": kind, "complete": True})
+        g.attrs.update({"counts": counts, "kind": kind, "sha256": _digest(arrays),
+                        "complete": True})
 
     def load_partials(self, phase: str) -> dict[int, Any]:
         """Complete per-shard partials of ``phase`` kept by an earlier run, by shard id."""
@@ -320,8 +321,11 @@ class StoreWriter:
             return {}
         out = {}
         for name, g in self.root[key].groups():
-            if g.attrs.get("complete"):
-                out[int(name)] = decode_partial(g)
+            if not g.attrs.get("complete"):
+                continue
+            partial = decode_partial(g)
+            if _digest(encode_partial(partial)[0]) == g.attrs.get("sha256"):
+                out[int(name)] = partial  # else damaged (a lost chunk reads as zeros): redo
         return out
 
     def stored_stats(self, layer: str) -> tuple[np.ndarray, np.ndarray, int] | None:
@@ -350,6 +354,16 @@ class StoreWriter:
     def stored_edges(self, layer: str, next_layer: str) -> bool:
         key = edge_group(layer, next_layer)
         return key in self.root and bool(self.root[key].attrs.get("complete"))
+
+
+def _digest(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over a partial's arrays (names, shapes and float64 bytes, in name order)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name], dtype=np.float64)
+        h.update(f"{name}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def encode_partial(partial: Any) -> tuple[dict[str, np.ndarray], dict[str, int]]:
