@@ -38,7 +38,7 @@ from ribray.math.lib import check_finite
 from ribray.math.modularity import LayerEdges, build_graph, leiden
 from ribray.math.sequential import SequentialModel
 from ribray.orchestrate import PreflightError, WorkerError, _one_line, connect, placement
-from ribray.store import AnalysisWriter, StoreError, check_analysis_target, edge_group
+from ribray.store import AnalysisWriter, check_analysis_target, edge_group
 
 Log = Callable[[str], None]
 MAX_RESTARTS = 8
@@ -369,7 +369,7 @@ def run_analysis(store: Path, spec: AnalysisSpec, address: str | None = None,
         results = _evaluate(Pool(workers), p, writer, log, timings)
         t = time.perf_counter()
         if spec.modularity.enabled:
-            _modularity(p, results["searches"], writer, log)
+            _modularity(p, results["epsilons"], writer, log)
         timings["modularity"] = time.perf_counter() - t
         t = time.perf_counter()
         if p.fourier_p is not None:
@@ -409,13 +409,15 @@ def _evaluate(pool: Pool, p: Plan, writer: AnalysisWriter, log: Log,
     t = time.perf_counter()
 
     searches: dict[str, ablation.Search] = {}
+    orders: dict[str, np.ndarray] = {}  # candidate edges per pair, largest first
     if spec.edge_ablation.enabled:
         for a, b in p.pairs:
             pair = f"{a}--{b}"
-            n = len(ablation.edge_order(p.contents.edges[pair],
-                                        p.contents.bases[a]["const_feature"],
-                                        p.contents.bases[b]["const_feature"]))
-            searches[pair] = ablation.Search(n=n, k=spec.edge_ablation.probes_per_round)
+            orders[pair] = ablation.edge_order(p.contents.edges[pair],
+                                               p.contents.bases[a]["const_feature"],
+                                               p.contents.bases[b]["const_feature"])
+            searches[pair] = ablation.Search(n=len(orders[pair]),
+                                             k=spec.edge_ablation.probes_per_round)
     node_layers = [n for n in p.layers if n != "output"] if spec.node_ablation.enabled else []
     node_todo = deque((layer, k) for layer in node_layers
                       for k in node_points(p.contents.bases[layer]["C"].shape[1],
@@ -462,11 +464,11 @@ def _evaluate(pool: Pool, p: Plan, writer: AnalysisWriter, log: Log,
             log(f"  {n_tasks} evaluations, {len(node_todo)} node points queued; {state}")
     timings["ablations"] = time.perf_counter() - t
 
+    epsilons: dict[str, float] = {}
     for pair, s in searches.items():
         a, b = pair.split("--")
-        E = p.contents.edges[pair]
-        order = ablation.edge_order(E, p.contents.bases[a]["const_feature"],
-                                    p.contents.bases[b]["const_feature"])
+        E, order = p.contents.edges[pair], orders[pair]
+        epsilons[pair] = ablation.smallest_kept(E, order, s.good)
         ks = np.array(sorted(s.evaluated))
         writer.edge_ablation(
             a, b, ks, np.array([s.evaluated[k][0] for k in ks]),
@@ -474,7 +476,7 @@ def _evaluate(pool: Pool, p: Plan, writer: AnalysisWriter, log: Log,
             ablation.edge_mask(E.shape, order, s.good),
             {"n_candidates": s.n, "edges_required": s.good,
              "all_kept_passes": bool(s.all_kept_passes),
-             "epsilon": _finite(ablation.smallest_kept(E, order, s.good)),
+             "epsilon": _finite(epsilons[pair]),
              "probes_per_round": s.k, "base_score": base,
              "target": base - tol if kind == "accuracy" else base + tol})
         log(f"  {pair}: {s.good} of {s.n} edges required ({len(ks)} evaluations)")
@@ -485,7 +487,7 @@ def _evaluate(pool: Pool, p: Plan, writer: AnalysisWriter, log: Log,
     for layer, res in node_results.items():
         ks = np.array(sorted(res))
         writer.node_ablation(layer, ks, np.array([res[k] for k in ks]))
-    return {"searches": searches, "base": base}
+    return {"epsilons": epsilons, "base": base}
 
 
 def _finite(v: float) -> float | None:
@@ -493,16 +495,12 @@ def _finite(v: float) -> float | None:
     return v if np.isfinite(v) else None
 
 
-def _modularity(p: Plan, searches: dict[str, ablation.Search], writer: AnalysisWriter,
+def _modularity(p: Plan, epsilons: dict[str, float], writer: AnalysisWriter,
                 log: Log) -> None:
-    chain = []
-    for a, b in p.pairs:
-        pair = f"{a}--{b}"
-        E = p.contents.edges[pair]
-        ca, cb = p.contents.bases[a]["const_feature"], p.contents.bases[b]["const_feature"]
-        order = ablation.edge_order(E, ca, cb)
-        eps = ablation.smallest_kept(E, order, searches[pair].good)
-        chain.append(LayerEdges(a, b, E, eps, ca, cb))
+    """Leiden at each resolution on the graph whose ε per pair the searches fixed."""
+    chain = [LayerEdges(a, b, p.contents.edges[f"{a}--{b}"], epsilons[f"{a}--{b}"],
+                        p.contents.bases[a]["const_feature"],
+                        p.contents.bases[b]["const_feature"]) for a, b in p.pairs]
     graph = build_graph(chain)
     for gamma in p.spec.modularity.resolutions:
         part = leiden(graph, resolution=gamma, seed=p.spec.modularity.seed)
@@ -512,5 +510,5 @@ def _modularity(p: Plan, searches: dict[str, ablation.Search], writer: AnalysisW
         log(f"  modularity γ={gamma:g}: Q = {part.modularity:.4f}, {part.n_modules} modules")
 
 
-__all__ = ["AblationCore", "AnalysisWorker", "plan", "read_store", "run_analysis",
-           "StoreError", "node_points"]
+__all__ = ["AblationCore", "AnalysisWorker", "node_points", "plan", "read_store",
+           "run_analysis"]
