@@ -21,7 +21,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +37,7 @@ from ribray.math.lib import check_finite
 from ribray.math.modularity import LayerEdges, build_graph, leiden
 from ribray.math.sequential import SequentialModel
 from ribray.orchestrate import PreflightError, WorkerError, _one_line, connect, placement
-from ribray.store import AnalysisWriter, check_analysis_target, edge_group
+from ribray.store import AnalysisWriter, Where, check_analysis_target, edge_group
 
 Log = Callable[[str], None]
 MAX_RESTARTS = 8
@@ -284,7 +283,7 @@ class Plan:
     fourier_p: int | None
 
 
-def plan(store: Path, spec: AnalysisSpec, overwrite: bool) -> Plan:
+def plan(store: Where, spec: AnalysisSpec, overwrite: bool) -> Plan:
     """Check the store, the analysis settings and the model against each other; changes
     nothing. Raises StoreError or PreflightError with one line."""
     root = check_analysis_target(store, overwrite)
@@ -332,7 +331,7 @@ def plan(store: Path, spec: AnalysisSpec, overwrite: bool) -> Plan:
     return Plan(spec, contents, layers, pairs, data, len(ds), fourier_p)
 
 
-def run_analysis(store: Path, spec: AnalysisSpec, address: str | None = None,
+def run_analysis(store: Where, spec: AnalysisSpec, address: str | None = None,
                  overwrite: bool = False, dashboard: bool = True,
                  log: Log = print) -> dict[str, Any]:
     """Run the analysis of ``store`` on Ray and write ``analysis/`` into it; then plots and the

@@ -72,8 +72,9 @@ def submit(
     address: Annotated[str | None, typer.Option(help="Ray cluster address; default: start a "
                                                      "local instance", envvar="RAY_ADDRESS",
                                                 show_envvar=True)] = None,
-    out_path: Annotated[Path | None, typer.Option("--out", help="store path (overrides the job "
-                                                                "file's `out`)")] = None,
+    out_path: Annotated[str | None, typer.Option("--out", help="store path or fsspec URL "
+                                                               "(overrides the job file's "
+                                                               "`out`)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing store")] = False,
     dashboard: Annotated[bool, typer.Option(help="start the Ray dashboard (127.0.0.1) with a "
                                                  "local instance")] = True,
@@ -93,7 +94,7 @@ def submit(
         return
     from ribray.orchestrate import PreflightError, run_job
 
-    store = out_path or Path(job.out)
+    store = out_path or job.out
     try:
         run_job(job, store, address=address, overwrite=overwrite, dashboard=dashboard,
                 log=lambda s: err.print(s, markup=False), bars=err.is_terminal)
@@ -105,7 +106,7 @@ def submit(
     out.print(f"wrote {store}")
 
 
-def _submit_remote(job_file: Path, job, address: str, out_path: Path | None, overwrite: bool,
+def _submit_remote(job_file: Path, job, address: str, out_path: str | None, overwrite: bool,
                    follow: bool) -> None:
     """``submit`` through the Jobs API: print the job id; with ``follow``, its logs and end."""
     from ribray.remote import RemoteError, plan_submission, short_message
@@ -260,7 +261,8 @@ def doctor(
     address: Annotated[str | None, typer.Option(help="Ray dashboard (http://HEAD:8265) or GCS "
                                                      "(HOST:6379) address", envvar="RAY_ADDRESS",
                                                 show_envvar=True)] = None,
-    store: Annotated[Path | None, typer.Option(help="store path to check for writing")] = None,
+    store: Annotated[str | None, typer.Option(help="store path or fsspec URL to check for "
+                                                   "writing")] = None,
 ) -> None:
     """Check a cluster address, its token, its CPUs and GPUs, and a store path."""
     from ribray.remote import doctor as run_checks
@@ -272,7 +274,7 @@ def doctor(
         raise typer.Exit(1)
 
 
-def _store_state(store: Path) -> str:
+def _store_state(store: str) -> str:
     """' (store S marked failed)' when the run got as far as creating its store."""
     from ribray.store import StoreError, open_store
 
@@ -285,7 +287,8 @@ def _store_state(store: Path) -> str:
 
 @app.command()
 def show(
-    store: Annotated[Path, typer.Argument(help="Zarr store written by `ribray submit`")],
+    store: Annotated[str, typer.Argument(help="Zarr store (path or fsspec URL) written by "
+                                              "`ribray submit`")],
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable summary")] = False,
 ) -> None:
     """Summarise a store: layers, dims kept, top eigenvalues, edge sums."""
@@ -347,7 +350,8 @@ def _show_analysis(a: dict) -> None:
 
 @app.command()
 def analyze(
-    store: Annotated[Path, typer.Argument(help="complete Zarr store written by `ribray submit`")],
+    store: Annotated[str, typer.Argument(help="complete Zarr store (path or fsspec URL) "
+                                              "written by `ribray submit`")],
     job_file: Annotated[Path | None, typer.Option("--job", help="analysis YAML (default: all "
                                                                 "defaults, see docs/analysis.md)"
                                                   )] = None,
@@ -397,15 +401,19 @@ def analyze(
     out.print(f"wrote {store}/analysis")
 
 
-def default_report_dir(store: Path) -> Path:
-    """STORE_NAME-report beside the store (``results/x.zarr`` -> ``results/x-report``)."""
-    name = store.name[:-5] if store.name.endswith(".zarr") else store.name
-    return store.parent / f"{name}-report"
+def default_report_dir(store: str | Path) -> Path:
+    """STORE_NAME-report beside a local store (``results/x.zarr`` -> ``results/x-report``);
+    for a store at a URL, in the current folder (a report is read in a browser, locally)."""
+    from ribray.location import is_url
+
+    name = str(store).rstrip("/").rsplit("/", 1)[-1]
+    name = name[:-5] if name.endswith(".zarr") else name
+    return Path.cwd() / f"{name}-report" if is_url(store) else Path(store).parent / f"{name}-report"
 
 
 @app.command()
 def compare(
-    stores: Annotated[list[Path], typer.Argument(help="analysed stores (LIB, PCA, ...)")],
+    stores: Annotated[list[str], typer.Argument(help="analysed stores (LIB, PCA, ...)")],
     out_dir: Annotated[Path, typer.Option("--out", help="folder for the comparison plots")],
 ) -> None:
     """Edges required per layer (bar chart) and ablation curves of several analysed stores."""

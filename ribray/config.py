@@ -109,6 +109,17 @@ class RaySpec(Strict):
                                                    )] = None
     shard_size: Annotated[int, Field(ge=1, description="samples per shard")] = 512
     batch_size: Annotated[int, Field(ge=1, description="samples per forward pass")] = 256
+    autoscaling: bool = Field(False, description="the cluster adds nodes on demand: the worker "
+                                                 "count and GPUs per worker are taken as given "
+                                                 "and not checked against the nodes up now")
+
+    @model_validator(mode="after")
+    def _explicit_when_autoscaling(self) -> RaySpec:
+        if self.autoscaling and (self.num_workers is None or self.gpus_per_worker is None):
+            raise ValueError("ray.autoscaling needs ray.num_workers and ray.gpus_per_worker "
+                             "(an autoscaling cluster's current size says nothing of what it "
+                             "can hold)")
+        return self
 
 
 DEFAULT_EXCLUDES = [".git", ".venv", ".ci-venv", "results", "*.zarr", "__pycache__"]

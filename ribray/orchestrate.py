@@ -17,12 +17,10 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
-import zarr
 
 from ribray import pipeline
 from ribray.build import (
@@ -40,7 +38,16 @@ from ribray.math.accumulators import Moments
 from ribray.math.sequential import TokenEmbed
 from ribray.progress import Event, Reporter
 from ribray.shards import ShardComputer
-from ribray.store import Lease, StoreError, StoreWriter, check_path, take_lease
+from ribray.store import (
+    Lease,
+    StoreError,
+    StoreWriter,
+    Where,
+    check_path,
+    locate,
+    open_group,
+    take_lease,
+)
 
 Log = Callable[[str], None]
 MAX_RESTARTS = 8
@@ -186,7 +193,10 @@ def placement(spec: RaySpec | Any) -> tuple[int, float]:
     """(number of workers, GPUs per worker) for a job's ``ray`` settings (any object with
     ``num_workers``, ``cpus_per_worker`` and ``gpus_per_worker``): one worker per GPU when the
     cluster has GPUs and the settings do not say otherwise, else one per ``cpus_per_worker``
-    CPUs. Raises :class:`PreflightError` when the cluster cannot hold them."""
+    CPUs. Raises :class:`PreflightError` when the cluster cannot hold them, except with
+    ``autoscaling``, where the settings are taken as given and the actors wait for nodes."""
+    if getattr(spec, "autoscaling", False):  # validated: both are given
+        return spec.num_workers, spec.gpus_per_worker
     res = ray.cluster_resources()
     gpus = spec.gpus_per_worker
     if gpus is None:
@@ -236,19 +246,19 @@ def check_job(job: JobSpec) -> dict[str, Any]:
     return {"model": model, "n_samples": len(data), "data": data}
 
 
-def preflight(job: JobSpec, out: Path, overwrite: bool) -> dict[str, Any]:
+def preflight(job: JobSpec, out: Where, overwrite: bool) -> dict[str, Any]:
     """Everything that can be checked before Ray starts: checkpoint, node layers, data, output.
     Changes nothing on disk; raises :class:`PreflightError`."""
     checked = check_job(job)
     model, layers, data = checked["model"], job.basis.node_layers, checked["data"]
     prints = {"model": fingerprint_file(job.model.path), "data": fingerprint_tensor(data.inputs)}
-    config = job.model_copy(update={"out": str(out)}).model_dump()
     try:
+        config = job.model_copy(update={"out": str(locate(out))}).model_dump()
         state = check_path(out, overwrite, config)
     except StoreError as exc:
         raise PreflightError("out", str(exc)) from None
     if state != "new":
-        old = dict(zarr.open_group(str(out), mode="r").attrs).get("fingerprints", {})
+        old = dict(open_group(out, mode="r").attrs).get("fingerprints", {})
         for what in ("model", "data"):
             if old.get(what) != prints[what]:
                 raise PreflightError("out", f"{out}: the store was started with another "
@@ -259,7 +269,7 @@ def preflight(job: JobSpec, out: Path, overwrite: bool) -> dict[str, Any]:
             "fingerprints": prints, "state": state, "tokens_per_sample": tokens}
 
 
-def run_job(job: JobSpec, out: Path, address: str | None = None, overwrite: bool = False,
+def run_job(job: JobSpec, out: Where, address: str | None = None, overwrite: bool = False,
             dashboard: bool = True, log: Log = print, bars: bool = False,
             on_progress: Callable[[Event], None] | None = None) -> dict[str, float]:
     """Run a LIB job end to end and write the store at ``out``; returns seconds per phase.
@@ -269,7 +279,7 @@ def run_job(job: JobSpec, out: Path, address: str | None = None, overwrite: bool
     info = preflight(job, out, overwrite)
     if info["state"] == "complete":
         log(f"{job.name}: {out} is complete already (same job); nothing to do")
-        return dict(zarr.open_group(str(out), mode="r").attrs.get("timings", {}))
+        return dict(open_group(out, mode="r").attrs.get("timings", {}))
     if info["state"] == "resume":
         log(f"{job.name}: resuming {out}: only what is not complete is computed")
     try:  # taken before Ray starts: a second writer is refused as a pre-flight error
@@ -283,7 +293,7 @@ def run_job(job: JobSpec, out: Path, address: str | None = None, overwrite: bool
         lease.release()  # a no-op once the writer released it; never another job's lease
 
 
-def _run(job: JobSpec, out: Path, address: str | None, overwrite: bool, dashboard: bool,
+def _run(job: JobSpec, out: Where, address: str | None, overwrite: bool, dashboard: bool,
          log: Log, bars: bool, on_progress: Callable[[Event], None] | None,
          info: dict[str, Any], lease: Lease, t_start: float) -> dict[str, float]:
     t_pre = time.perf_counter()
@@ -297,9 +307,12 @@ def _run(job: JobSpec, out: Path, address: str | None, overwrite: bool, dashboar
     if gpus:
         opts["num_gpus"] = gpus
     actor = ray.remote(**opts)(LibWorker)
-    job = job.model_copy(update={"out": str(out)})  # the store records where it was written
+    job = job.model_copy(update={"out": str(locate(out))})  # where it was written
     job_dict = job.model_dump()
     workers = [actor.remote(job_dict) for _ in range(n_workers)]
+    if job.ray.autoscaling:
+        log(f"{job.name}: waiting for {n_workers} workers ({job.ray.cpus_per_worker:g} CPU, "
+            f"{gpus:g} GPU each); the autoscaler adds nodes as needed")
     writer: StoreWriter | None = None
     try:
         try:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import requests
 
 from ribray.config import JobSpec
+from ribray.location import is_url
 
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails, JobSubmissionClient
@@ -170,14 +171,15 @@ def submission_id(name: str) -> str:
     return f"ribray-{slug}-{secrets.token_hex(4)}"
 
 
-def plan_submission(job_file: Path, job: JobSpec, out: Path | None, overwrite: bool,
+def plan_submission(job_file: Path, job: JobSpec, out: str | Path | None, overwrite: bool,
                     cwd: Path | None = None) -> Submission:
     """The Jobs API call for a job file.
 
     Paths: with a local ``runtime_env.working_dir`` the job runs in its uploaded copy, so a job
     file inside it is passed relative to it and a relative store stays relative (it lands in
-    that copy on the head: prefer an absolute path on a shared file system). Without one, the
-    job runs where the head was started, and both are passed as absolute paths of this machine.
+    that copy on the head: prefer an absolute path on a shared file system, or a URL). Without
+    one, the job runs where the head was started, and both are passed as absolute paths of this
+    machine. A store at a URL (``s3://...``) is passed as it is.
     Raises :class:`RemoteError` for a local ``working_dir`` that is not a folder.
     """
     cwd = cwd or Path.cwd()
@@ -194,9 +196,10 @@ def plan_submission(job_file: Path, job: JobSpec, out: Path | None, overwrite: b
         working_dir = str(wd)
         with contextlib.suppress(ValueError):
             job_arg = Path(job_arg).relative_to(wd).as_posix()
-    store = Path(out) if out is not None else Path(job.out)
-    if not store.is_absolute() and working_dir is None:
-        store = cwd / store
+    store = str(out) if out is not None else job.out
+    if not is_url(store):
+        store = str(Path(store)) if working_dir is not None or Path(store).is_absolute() \
+            else str(cwd / store)
     sid = submission_id(job.name)
     args = ["ribray", "submit", job_arg, "--out", str(store)]
     args += ["--overwrite"] if overwrite else []
@@ -207,7 +210,7 @@ def plan_submission(job_file: Path, job: JobSpec, out: Path | None, overwrite: b
         env["excludes"] = list(rt.excludes)
     if rt.pip:
         env["pip"] = list(rt.pip)
-    # the driver records str(Path(--out)) as config.out; the hash must cover the same string
+    # the driver records --out as config.out; the hash must cover the same string
     config_hash = job.model_copy(update={"out": str(store)}).fingerprint()
     meta = {"ribray": "1", "name": job.name, "config_hash": config_hash, "store": str(store)}
     return Submission(sid, shlex.join(args), env, meta, str(store))
@@ -329,11 +332,10 @@ def store_state(store: str) -> dict[str, Any] | None:
     (an absolute local path), else None."""
     from ribray.store import StoreError, open_store
 
-    path = Path(store)
-    if "://" in store or not path.is_absolute():
+    if not is_url(store) and not Path(store).is_absolute():
         return None
     try:
-        attrs = dict(open_store(path).attrs)
+        attrs = dict(open_store(store).attrs)
     except (StoreError, OSError):
         return None
     return {k: attrs[k] for k in ("status", "progress", "error") if k in attrs}
@@ -341,7 +343,9 @@ def store_state(store: str) -> dict[str, Any] | None:
 
 def why_unreadable(store: str) -> str:
     """Why :func:`store_state` found nothing at ``store``, for ``ribray status``."""
-    if "://" in store or not Path(store).is_absolute():
+    if is_url(store):
+        return "not readable from this machine (not created yet, or no credentials here)"
+    if not Path(store).is_absolute():
         return "a path on the cluster (relative to the job's working directory); not read here"
     if not Path(store).exists():
         return "nothing at this path on this machine (not created yet, or on another machine)"
@@ -390,9 +394,13 @@ class Check:
     detail: str
 
 
-def check_store(store: Path) -> Check:
+def check_store(store: str | Path) -> Check:
     """Whether a store can be written at ``store``: a temporary file is created and deleted in
-    it (an existing directory) or in its nearest existing parent."""
+    it (an existing directory) or in its nearest existing parent; at a URL, an object beside
+    the store."""
+    if is_url(store):
+        return _check_url_store(str(store))
+    store = Path(store)
     if store.exists() and not store.is_dir():
         return Check("store", False, f"{store} is a file, not a directory")
     target = store if store.is_dir() else next((p for p in store.parents if p.exists()), None)
@@ -490,7 +498,22 @@ def _doctor_direct(address: str) -> list[Check]:
     return checks
 
 
-def doctor(address: str | None, store: Path | None) -> list[Check]:
+def _check_url_store(url: str) -> Check:
+    from ribray.location import Location, LocationError
+
+    try:
+        probe = Location(url).sibling(f".ribray-doctor-{secrets.token_hex(4)}")
+        probe.write_text("ribray doctor\n", "doctor")
+        probe.unlink()
+    except LocationError as exc:
+        return Check("store", False, str(exc))
+    except Exception as exc:  # noqa: BLE001 - any backend's refusal, in one line
+        return Check("store", False, f"{url}: cannot write beside it ({type(exc).__name__}: "
+                                     f"{exc})")
+    return Check("store", True, f"{url}: writable (from this machine)")
+
+
+def doctor(address: str | None, store: str | Path | None) -> list[Check]:
     """The checks of ``ribray doctor``: address, token, resources, store (when given)."""
     if not address:
         checks = [Check("address", True, f"none: ribray submit starts a local Ray instance here "

@@ -24,6 +24,7 @@ import zarr
 
 from ribray import plots
 from ribray.config import PlotsSpec
+from ribray.location import is_url
 from ribray.store import StoreError, analysis_summary, open_store, summary
 
 Log = Callable[[str], None]
@@ -234,12 +235,12 @@ def _label_tables(root: zarr.Group, layers: list[str], resolution: float | None)
     return intro + "\n".join(out)
 
 
-def write_report(store: Path, folder: Path, plots_spec: PlotsSpec | None = None,
+def write_report(store: str | Path, folder: Path, plots_spec: PlotsSpec | None = None,
                  log: Log = print) -> Path:
     """Draw the figures of ``store`` into ``folder`` and write ``folder/report.html``;
     returns the page's path. The store is only read."""
     spec = plots_spec or PlotsSpec()
-    store, folder = Path(store), Path(folder)
+    folder = Path(folder)
     t0 = time.perf_counter()
     root = open_store(store)
     folder.mkdir(parents=True, exist_ok=True)
@@ -261,7 +262,7 @@ def write_report(store: Path, folder: Path, plots_spec: PlotsSpec | None = None,
     spectra = plots.lambda_spectra(root, folder / "lambda_spectra", formats)
 
     parts = [f"<h1>LIB report: {esc(name)}</h1>",
-             f'<p class="sub">store <code>{esc(store.resolve())}</code> · basis '
+             f'<p class="sub">store <code>{esc(_shown(store))}</code> · basis '
              f"<b>{esc(basis.upper())}</b> · job status {_status(attrs.get('status'))} · "
              f"analysis {_status(a.get('status') if a else 'absent')}</p>"]
     parts.append("<h2>Node layers</h2>")
@@ -322,10 +323,15 @@ def write_report(store: Path, folder: Path, plots_spec: PlotsSpec | None = None,
     return path
 
 
+def _shown(store: str | Path) -> str:
+    """A local store's absolute path; a URL as it is."""
+    return str(store) if is_url(store) else str(Path(store).resolve())
+
+
 # --- comparison of several stores --------------------------------------------------------
 
 
-def _analysed(path: Path) -> zarr.Group:
+def _analysed(path: str | Path) -> zarr.Group:
     root = open_store(path)
     status = root["analysis"].attrs.get("status") if "analysis" in root else None
     if status != "complete":
@@ -334,12 +340,12 @@ def _analysed(path: Path) -> zarr.Group:
     return root
 
 
-def write_comparison(stores: Sequence[Path], folder: Path,
+def write_comparison(stores: Sequence[str | Path], folder: Path,
                      formats: Sequence[str] = ("png", "svg")) -> Path:
     """Edges required (bars) and node ablation (overlay) of several analysed stores, with
     ``folder/comparison.html``; raises :class:`StoreError` for a store without a complete
     analysis. Returns the page's path."""
-    stores = [Path(s) for s in stores]
+    stores = [str(s) for s in stores]
     if not stores:
         raise StoreError("no stores to compare")
     roots = [_analysed(s) for s in stores]

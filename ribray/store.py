@@ -19,11 +19,9 @@ once every layer and edge group is written. Every array carries ``dimension_name
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
 import socket
 import threading
 import time
@@ -34,6 +32,7 @@ import numpy as np
 import zarr
 
 from ribray import __version__
+from ribray.location import Location, LocationError
 from ribray.math.accumulators import Moments, Sum
 from ribray.math.basis import Basis
 from ribray.math.sequential import SequentialModel
@@ -49,11 +48,28 @@ def edge_group(a: str, b: str) -> str:
     return f"edges/{a}--{b}"
 
 
-def _is_store(path: Path) -> bool:
-    return (path / "zarr.json").is_file()
+Where = str | Path | Location  # a local path or an fsspec URL (ribray.location)
 
 
-RESULT_IRRELEVANT = {"out": None, "runtime_env": None, "ray": ("num_workers",)}
+def _is_store(loc: Location) -> bool:
+    return loc.child("zarr.json").is_file()
+
+
+def locate(where: Where) -> Location:
+    """The :class:`Location` of ``where``; an unusable URL is a :class:`StoreError`."""
+    try:
+        return Location.of(where)
+    except LocationError as exc:
+        raise StoreError(str(exc)) from None
+
+
+def open_group(where: Where, mode: str) -> zarr.Group:
+    """``zarr.open_group`` at a local path or an fsspec URL."""
+    loc = locate(where)
+    return zarr.open_group(loc.zarr_store(read_only=mode == "r"), mode=mode)
+
+
+RESULT_IRRELEVANT = {"out": None, "runtime_env": None, "ray": ("num_workers", "autoscaling")}
 
 
 def result_hash(config: dict[str, Any]) -> str:
@@ -72,30 +88,29 @@ def result_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
 
 
-def take_lease(store: Path) -> Lease:
+def take_lease(store: Where) -> Lease:
     """The store's lease, its folder made first (the lock file lies beside the store)."""
-    store.parent.mkdir(parents=True, exist_ok=True)
+    locate(store).make_parent()
     return Lease(store)
 
 
-def check_path(path: Path, overwrite: bool, config: dict[str, Any] | None = None,
+def check_path(path: Where, overwrite: bool, config: dict[str, Any] | None = None,
                own: Lease | None = None) -> str:
     """Check, without changing anything, what writing a job's store at ``path`` means:
     ``"new"`` (nothing there, or ``overwrite``), ``"resume"`` (a store of the same job that is
     not complete and that no live job is writing) or ``"complete"`` (the same job, finished).
     Raises :class:`StoreError` for a file, a non-store directory, a store of another job (unless
     ``overwrite``) and a store another live job is writing (always)."""
-    if path.exists() and not path.is_dir():
+    path = locate(path)
+    if path.is_file():
         raise StoreError(f"{path}: output path is a file, not a directory")
     holder = None if own is not None else Lease.holder(path)
     if holder is not None:
         raise StoreError(f"{path}: being written by {holder}; wait for that job or stop it")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise StoreError(f"{path}: {parent} is a file, not a directory")
-            break
-    if not (path.is_dir() and any(path.iterdir())):
+    parent = path.blocking_parent()
+    if parent is not None:
+        raise StoreError(f"{path}: {parent} is a file, not a directory")
+    if not path.has_entries():
         return "new"
     if not _is_store(path):
         raise StoreError(f"{path}: output directory exists and is not a Zarr store; "
@@ -103,7 +118,7 @@ def check_path(path: Path, overwrite: bool, config: dict[str, Any] | None = None
     if overwrite:
         return "new"
     try:
-        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+        attrs = dict(open_group(path, mode="r").attrs)
     except Exception:  # noqa: BLE001 - unreadable metadata
         raise StoreError(f"{path}: a store exists but cannot be read; pass --overwrite to "
                          f"replace it") from None
@@ -119,46 +134,44 @@ def check_path(path: Path, overwrite: bool, config: dict[str, Any] | None = None
 
 
 class Lease:
-    """Who is writing a store: ``{store}.lock`` beside it (JSON: host, pid, started,
+    """Who is writing a store: ``{store}.lock`` beside it (JSON: host, pid, token, started,
     heartbeat), refreshed every ``HEARTBEAT`` seconds by a background thread.
 
     A lease is live while its heartbeat is younger than ``TIMEOUT`` and, on this host, while its
-    process exists; a stale lease (a killed driver) is taken over. The file is replaced
-    atomically (write, then rename), so a reader never sees half a lease.
+    process exists; a stale lease (a killed driver) is taken over. The file is created
+    exclusively and replaced whole (:meth:`Location.create_exclusive`, :meth:`Location.write_text`),
+    so a reader never sees half a lease; after taking it, the lease is read back, so of two jobs
+    racing for a store on a file system without exclusive creation only one goes on.
     """
 
     HEARTBEAT = 5.0
     TIMEOUT = 60.0
 
-    def __init__(self, store: Path):
-        self.path = _lock_path(store)
+    def __init__(self, store: Where):
+        store = locate(store)
+        self.lock = _lock(store)
         self.info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
                      "token": os.urandom(8).hex()}
         self._stop = threading.Event()
-        tmp = self._tmp()
-        try:  # a complete lease file linked into place: fails if any lease exists
-            os.link(tmp, self.path)
-        except FileExistsError:
+        if not self.lock.create_exclusive(self._text(), self.info["token"]):
             holder = self.holder(store)  # a stale lease is taken over, a live one is not
             if holder is not None:
                 raise StoreError(f"{store}: being written by {holder}; wait for that job or "
-                                 f"stop it") from None
-            os.replace(tmp, self.path)
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+                                 f"stop it")
+            self.lock.write_text(self._text(), self.info["token"])
+        if not self._owned():
+            raise StoreError(f"{store}: another job took the store at the same moment; "
+                             f"wait for that job or stop it")
         self._thread = threading.Thread(target=self._beat, daemon=True,
-                                        name=f"ribray-lease-{self.path.name}")
+                                        name=f"ribray-lease-{self.lock.name}")
         self._thread.start()
 
-    def _tmp(self) -> Path:
-        tmp = self.path.with_name(f".{self.path.name}.{self.info['token']}.tmp")
-        tmp.write_text(json.dumps({**self.info, "heartbeat": time.time()}))
-        return tmp
+    def _text(self) -> str:
+        return json.dumps({**self.info, "heartbeat": time.time()})
 
     def _owned(self) -> bool:
         try:
-            return json.loads(self.path.read_text()).get("token") == self.info["token"]
+            return json.loads(self.lock.read_text()).get("token") == self.info["token"]
         except (OSError, ValueError):
             return False
 
@@ -166,22 +179,25 @@ class Lease:
         while not self._stop.wait(self.HEARTBEAT):
             if not self._owned():  # taken over (this process was paused past the timeout)
                 return
-            with contextlib.suppress(OSError):
-                os.replace(self._tmp(), self.path)
+            try:
+                self.lock.write_text(self._text(), self.info["token"])
+            except OSError:
+                pass  # a missed beat; the next one may get through
 
     def release(self) -> None:
         self._stop.set()
         self._thread.join(timeout=self.HEARTBEAT + 1)
         if self._owned():
-            with contextlib.suppress(OSError):
-                self.path.unlink()
+            try:
+                self.lock.unlink()
+            except OSError:
+                pass
 
     @classmethod
-    def holder(cls, store: Path) -> str | None:
+    def holder(cls, store: Where) -> str | None:
         """A description of the live job writing ``store``, or None (no lease, or stale)."""
-        path = _lock_path(store)
         try:
-            info = json.loads(path.read_text())
+            info = json.loads(_lock(locate(store)).read_text())
         except (OSError, ValueError):
             return None
         age = time.time() - float(info.get("heartbeat", 0))
@@ -192,9 +208,8 @@ class Lease:
         return f"pid {info.get('pid')} on {info.get('host')} (heartbeat {age:.0f}s ago)"
 
 
-def _lock_path(store: Path) -> Path:
-    store = Path(store)
-    return store.with_name(store.name + ".lock")
+def _lock(store: Location) -> Location:
+    return store.sibling(store.name + ".lock")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -219,9 +234,9 @@ class StoreWriter:
     :meth:`stored_stats`, :meth:`stored_basis`, :meth:`stored_edges`).
     """
 
-    def __init__(self, path: Path, attrs: dict[str, Any], overwrite: bool = False,
+    def __init__(self, path: Where, attrs: dict[str, Any], overwrite: bool = False,
                  lease: Lease | None = None):
-        self.path = Path(path)
+        self.path = locate(path)
         if lease is None:  # else the caller took it before starting Ray
             state = check_path(self.path, overwrite, attrs.get("config"))
             if state == "complete":
@@ -233,15 +248,15 @@ class StoreWriter:
         try:
             self.resumed = state == "resume"
             if self.resumed:
-                self.root = zarr.open_group(str(self.path), mode="r+")
+                self.root = open_group(self.path, mode="r+")
                 self.root.attrs.update({**attrs, "status": "running", "timings": {},
                                         "resumes": int(self.root.attrs.get("resumes", 0)) + 1})
                 if "error" in self.root.attrs:
                     del self.root.attrs["error"]
             else:
-                if self.path.is_dir():  # an old ribray store, and overwrite was asked for
-                    shutil.rmtree(self.path)
-                self.root = zarr.open_group(str(self.path), mode="w")
+                if self.path.has_entries():  # an old ribray store, and overwrite was asked for
+                    self.path.remove_tree()
+                self.root = open_group(self.path, mode="w")
                 self.root.attrs.update({"ribray_version": __version__,
                                         "format_version": FORMAT_VERSION, "status": "running",
                                         "timings": {}, **attrs})
@@ -392,12 +407,14 @@ def decode_partial(g: zarr.Group) -> Any:
                           np.asarray(g[f"{name}/comoment"][...])) for name in counts}
 
 
-def open_store(path: str | Path) -> zarr.Group:
-    path = Path(path)
+def open_store(path: Where, mode: str = "r") -> zarr.Group:
+    """A ribray store at a local path or an fsspec URL, opened with ``mode`` (``r`` or ``r+``);
+    anything else is a :class:`StoreError`."""
+    path = locate(path)
     if not _is_store(path):
         raise StoreError(f"{path}: not a Zarr store (no zarr.json)")
     try:
-        root = zarr.open_group(str(path), mode="r")
+        root = open_group(path, mode=mode)
     except Exception as exc:  # noqa: BLE001 - corrupt metadata, or an array at the root
         raise StoreError(f"{path}: not a readable Zarr group ({type(exc).__name__})") from None
     if "ribray_version" not in root.attrs:
@@ -453,12 +470,12 @@ class AnalysisWriter:
     a researcher may have annotated it).
     """
 
-    def __init__(self, path: Path, attrs: dict[str, Any], overwrite: bool = False):
-        self.path = Path(path)
+    def __init__(self, path: Where, attrs: dict[str, Any], overwrite: bool = False):
+        self.path = locate(path)
         check_analysis_target(self.path, overwrite)
         self.lease = Lease(self.path)  # one writer at a time, analysis or job
         try:
-            self.root = zarr.open_group(str(self.path), mode="r+")
+            self.root = open_group(self.path, mode="r+")
             if ANALYSIS in self.root:
                 del self.root[ANALYSIS]
             self.group = self.root.create_group(ANALYSIS)
@@ -518,7 +535,7 @@ class AnalysisWriter:
         self.lease.release()
 
 
-def check_analysis_target(path: Path, overwrite: bool) -> zarr.Group:
+def check_analysis_target(path: Where, overwrite: bool) -> zarr.Group:
     """The store at ``path`` must be a complete ribray store; an analysis already in it is
     refused unless ``overwrite``. Changes nothing; raises :class:`StoreError`."""
     root = open_store(path)

@@ -12,7 +12,8 @@ shards) runs four times:
 * ``kill_worker``: one worker process SIGKILLed once the M phase of ``ln2.0`` has kept 2 shards;
 * ``remove_node``: the node of one worker removed (not gracefully) at the same point;
 * ``kill_driver``: ``ribray submit --address`` in a subprocess, SIGKILLed at the same point,
-  then the same command again, which resumes.
+  then the same command again, which resumes;
+* ``kill_driver_url``: the same with the store at a ``file://`` URL (fsspec, FsspecStore).
 
 It prints one JSON line: per scenario, whether its arrays equal the reference's bit for bit,
 and what the runs logged. It runs in its own process because a Ray driver can join only one
@@ -53,7 +54,7 @@ def job_file(out_dir: Path) -> Path:
     return path
 
 
-def kept_shards(store: Path, key: str) -> int:
+def kept_shards(store: Path | str, key: str) -> int:
     """Complete per-shard partials of a phase in a store being written (0 if none yet)."""
     try:
         root = zarr.open_group(str(store), mode="r")
@@ -64,7 +65,7 @@ def kept_shards(store: Path, key: str) -> int:
         return 0
 
 
-def wait_for(store: Path, stop: threading.Event, timeout: float = 300.0) -> bool:
+def wait_for(store: Path | str, stop: threading.Event, timeout: float = 300.0) -> bool:
     t0 = time.time()
     while not stop.is_set() and time.time() - t0 < timeout:
         if kept_shards(store, TRIGGER) >= TRIGGER_SHARDS:
@@ -73,7 +74,7 @@ def wait_for(store: Path, stop: threading.Event, timeout: float = 300.0) -> bool
     return False
 
 
-def arrays(store: Path) -> dict[str, np.ndarray]:
+def arrays(store: Path | str) -> dict[str, np.ndarray]:
     root = zarr.open_group(str(store), mode="r")
     out = {}
     for top in ("layers", "edges"):
@@ -83,7 +84,7 @@ def arrays(store: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def compare(a: Path, b: Path) -> dict:
+def compare(a: Path | str, b: Path | str) -> dict:
     """Bit-equality of every array, and the root attributes that describe the result."""
     x, y = arrays(a), arrays(b)
     diffs = sorted(k for k in set(x) | set(y)  # bytes: -0.0 and 0.0 differ, NaN equals NaN
@@ -132,6 +133,22 @@ def in_process(job: Path, store: Path, fault=None) -> list[str]:
         if t:
             t.join(timeout=5)
     return lines
+
+
+def kill_driver(job: Path, store: Path | str, ref: Path, address: str) -> dict:
+    """``ribray submit`` in a subprocess, SIGKILLed at the trigger, then run again."""
+    cmd = [sys.executable, "-m", "ribray.cli", "submit", str(job), "--out", str(store),
+           "--address", address, "--no-dashboard"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, cwd=ROOT)
+    reached = wait_for(store, threading.Event())
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    status_after_kill = dict(zarr.open_group(str(store), mode="r").attrs).get("status")
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    return {**compare(ref, store), "reached_trigger": reached,
+            "status_after_kill": status_after_kill, "resume_rc": second.returncode,
+            "log": (second.stdout + second.stderr).splitlines()}
 
 
 def worker_pids(lines: list[str]) -> list[tuple[int, str]]:
@@ -199,20 +216,11 @@ def main(out_dir: Path) -> None:
         log = in_process(job, store, remove_node)
         result["remove_node"] = {**compare(ref, store), "log": log}
 
-        store = out_dir / "kill_driver.zarr"
-        cmd = [sys.executable, "-m", "ribray.cli", "submit", str(job), "--out", str(store),
-               "--address", cluster.address, "--no-dashboard"]
-        first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True, cwd=ROOT)
-        reached = wait_for(store, threading.Event())
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=30)
-        status_after_kill = dict(zarr.open_group(str(store), mode="r").attrs).get("status")
-        second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-        result["kill_driver"] = {**compare(ref, store), "reached_trigger": reached,
-                                 "status_after_kill": status_after_kill,
-                                 "resume_rc": second.returncode,
-                                 "log": (second.stdout + second.stderr).splitlines()}
+        result["kill_driver"] = kill_driver(job, out_dir / "kill_driver.zarr", ref,
+                                            cluster.address)
+        # the same at a file:// URL: the store goes through fsspec and zarr's FsspecStore
+        url = (out_dir / "kill_driver_url.zarr").as_uri()
+        result["kill_driver_url"] = kill_driver(job, url, ref, cluster.address)
     finally:
         ray.shutdown()
         cluster.shutdown()

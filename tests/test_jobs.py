@@ -199,6 +199,26 @@ def test_more_workers_than_the_cluster_holds(ray_local, small_transformer_ckpt, 
     assert not (tmp_path / "store.zarr").exists()
 
 
+def test_autoscaling_takes_the_worker_count_as_given(ray_local, small_transformer_ckpt,
+                                                     tmp_path):
+    """On an autoscaling cluster the current size is no limit (the actors wait for nodes), but
+    the count and GPUs must be explicit; neither changes the result hash."""
+    from ribray.orchestrate import placement
+    from ribray.store import result_hash
+
+    loose = write_job(tmp_path / "loose.yaml", **{"model.path": str(small_transformer_ckpt),
+                                                  "ray.autoscaling": True})
+    one_line_error(runner.invoke(app, ["validate", str(loose)]), "field ray",
+                   "needs ray.num_workers and ray.gpus_per_worker")
+    job = load_job(write_job(tmp_path / "job.yaml", **{
+        "model.path": str(small_transformer_ckpt), "ray.autoscaling": True,
+        "ray.num_workers": 50, "ray.gpus_per_worker": 1}))
+    assert placement(job.ray) == (50, 1)  # 50 GPU workers on a 3-CPU, 0-GPU cluster
+    plain = job.model_copy(update={"ray": job.ray.model_copy(
+        update={"autoscaling": False, "num_workers": 2})})
+    assert result_hash(job.model_dump()) == result_hash(plain.model_dump())
+
+
 def test_nan_stops_the_job_and_marks_the_store_failed(ray_local, small_transformer_ckpt,
                                                       tmp_path):
     obj = torch.load(small_transformer_ckpt, weights_only=True)

@@ -108,8 +108,11 @@ def test_removed_node_gives_a_bit_equal_store(faults):
     _check(faults["remove_node"], "removed node")
 
 
-def test_killed_driver_resumes_to_a_bit_equal_store(faults):
-    r = faults["kill_driver"]
+@pytest.mark.parametrize("scenario", ["kill_driver", "kill_driver_url"])
+def test_killed_driver_resumes_to_a_bit_equal_store(faults, scenario):
+    """At a local path and at a ``file://`` URL (fsspec and zarr's FsspecStore, the code path
+    of ``s3://`` and ``gs://`` stores): the lease, the kept partials and the resume."""
+    r = faults[scenario]
     assert r["reached_trigger"] and r["status_after_kill"] == "running"
     assert r["resume_rc"] == 0 and r["resumes"] == 1
     log = "\n".join(r["log"])
