@@ -49,7 +49,8 @@ def compute_settings(job: JobSpec) -> ComputeSettings:
     bi, ei = job.basis.integration, job.edges.integration
     return ComputeSettings(batch_size=job.ray.batch_size,
                            basis_points=integration_points(bi.rule, bi.n),
-                           edge_points=integration_points(ei.rule, ei.n))
+                           edge_points=integration_points(ei.rule, ei.n),
+                           jacobians=job.jacobians)
 
 
 def basis_settings(job: JobSpec) -> BasisSettings:

@@ -155,6 +155,10 @@ class JobSpec(Strict):
     edges: EdgesSpec = EdgesSpec()
     ray: RaySpec = RaySpec()
     runtime_env: RuntimeEnvSpec = RuntimeEnvSpec()
+    jacobians: Literal["auto", "exact"] = Field("auto", description=(
+        "auto: closed forms for sections whose only nonlinearity is elementwise and the "
+        "by-parts attention Jacobian where it fits in memory, the per-feature autograd path "
+        "elsewhere; exact: the per-feature autograd path everywhere (the reference)"))
     out: str = Field(description="Zarr store to write")
 
     def fingerprint(self) -> str:

@@ -22,6 +22,7 @@ class ComputeSettings:
     batch_size: int
     basis_points: list[Point]
     edge_points: list[Point]
+    jacobians: str = "auto"  # "auto": closed forms where they apply; "exact": per feature
 
 
 class ShardComputer:
@@ -39,13 +40,13 @@ class ShardComputer:
     def m(self, shard: tuple[int, int], layer: str, target: str, C_target: np.ndarray) -> Sum:
         s = self.settings
         return m_partial(self.model, self._x(shard), layer, target, C_target, s.basis_points,
-                         s.batch_size)
+                         s.batch_size, method=s.jacobians)
 
     def edges(self, shard: tuple[int, int], layer: str, next_layer: str, C_in: np.ndarray,
               C_in_pinv: np.ndarray, C_out: np.ndarray) -> Sum:
         s = self.settings
         return edge_partial(self.model, self._x(shard), layer, next_layer, C_in, C_in_pinv,
-                            C_out, s.edge_points, s.batch_size)
+                            C_out, s.edge_points, s.batch_size, method=s.jacobians)
 
 
 class SerialBackend:

@@ -20,8 +20,15 @@ import torch
 from torch import Tensor
 
 from ribray.math.accumulators import Moments, Sum
+from ribray.math.closed_form import (
+    attention_bytes_per_sample,
+    edges_attention,
+    edges_closed,
+    m_attention,
+    m_closed,
+)
 from ribray.math.jacobian import Point, edge_sum, integrated_jacobian, m_sum
-from ribray.math.sequential import SequentialModel
+from ribray.math.sequential import Attention, Parts, SequentialModel
 
 
 def _batches(inputs: Tensor, batch_size: int) -> list[Tensor]:
@@ -54,12 +61,77 @@ def _as_tensor(a: np.ndarray, model: SequentialModel) -> Tensor:
     return torch.tensor(np.asarray(a), dtype=p.dtype, device=p.device)
 
 
-def m_partial(model: SequentialModel, inputs: Tensor, layer: str, target: str,
+METHODS = ("auto", "exact")
+
+
+#: the most memory the attention terms of one chunk of samples may take (bytes)
+ATTENTION_BUDGET = 256 * 2**20
+
+
+def _closed_parts(model: SequentialModel, layer: str, target: str, method: str) -> Parts | None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "exact":
+        return None
+    return model.section_parts(layer, target, device=next(model.parameters()).device)
+
+
+def _attention(model: SequentialModel, layer: str, target: str, method: str, T: int,
+               k_left: int, k_out: int) -> tuple[Attention, int] | None:
+    """The section's attention step and how many samples fit one chunk, when the
+    by-parts path applies (``auto``, one attention step, one sample within the budget)."""
+    if method != "auto":
+        return None
+    att = model.section_attention(layer, target)
+    if att is None:
+        return None
+    per_sample = attention_bytes_per_sample(att, T, k_left, k_out)
+    if per_sample > ATTENTION_BUDGET:
+        return None
+    return att, max(1, ATTENTION_BUDGET // per_sample)
+
+
+def _m_closed(model: SequentialModel, inputs: Tensor, layer: str, parts: Parts,
               C_target: np.ndarray, points: list[Point], batch_size: int) -> Sum:
+    C = torch.tensor(np.asarray(C_target), dtype=torch.float64,
+                     device=next(model.parameters()).device)
+    total, count = None, 0
+    for batch in _batches(inputs, batch_size):
+        with torch.no_grad():
+            x = model.activations(batch, [layer])[layer]
+        part = m_closed(parts, x.reshape(-1, x.shape[-1]), C, points)
+        check_finite(part, f"gradients into {layer}")
+        total = part if total is None else total + part
+        count += x.shape[0] * x.shape[1]
+    assert total is not None
+    return Sum(count, total.cpu().numpy())
+
+
+def m_partial(model: SequentialModel, inputs: Tensor, layer: str, target: str,
+              C_target: np.ndarray, points: list[Point], batch_size: int,
+              method: str = "auto") -> Sum:
     """Σ over the batch of the raw Jacobian-Gram of ``layer`` with respect to ``target``'s
-    features; count = samples × input positions."""
+    features; count = samples × input positions. ``method``: ``auto`` uses the closed form
+    of :mod:`ribray.math.closed_form` where the section allows it, ``exact`` always the
+    per-feature autograd path (the reference every fast path is tested against)."""
+    parts = _closed_parts(model, layer, target, method)
+    if parts is not None:
+        return _m_closed(model, inputs, layer, parts, C_target, points, batch_size)
     total, count = None, 0
     C = _as_tensor(C_target, model)
+    T = int(inputs.shape[1])  # token positions (used only for a transformer's attention)
+    fast = _attention(model, layer, target, method, T, C.shape[0], C.shape[1])
+    if fast is not None:
+        att, chunk = fast
+        for batch in _batches(inputs, min(batch_size, chunk)):
+            with torch.no_grad():
+                x = model.activations(batch, [layer])[layer]
+            part = m_attention(att, x, C, points)
+            check_finite(part, f"gradients into {layer}")
+            total = part if total is None else total + part
+            count += x.shape[0] * x.shape[1]
+        assert total is not None
+        return Sum(count, total.cpu().numpy())
 
     def fn(z: Tensor) -> Tensor:
         return model.run(z, layer, target) @ C
@@ -78,11 +150,32 @@ def m_partial(model: SequentialModel, inputs: Tensor, layer: str, target: str,
 
 def edge_partial(model: SequentialModel, inputs: Tensor, layer: str, next_layer: str,
                  C_in: np.ndarray, C_in_pinv: np.ndarray, C_out: np.ndarray,
-                 points: list[Point], batch_size: int) -> Sum:
+                 points: list[Point], batch_size: int, method: str = "auto") -> Sum:
     """Σ over the batch of squared integrated-gradient edges from ``layer`` to ``next_layer``;
-    count = samples × input positions."""
+    count = samples × input positions. ``method`` as for :func:`m_partial`."""
     total, count = None, 0
     Ci, Cip, Co = (_as_tensor(a, model) for a in (C_in, C_in_pinv, C_out))
+    parts = _closed_parts(model, layer, next_layer, method)
+    if parts is not None:  # all rows at once: the closed form's blocks are formed once
+        with torch.no_grad():
+            f_hat = torch.cat([(model.activations(batch, [layer])[layer] @ Ci)
+                               for batch in _batches(inputs, batch_size)])
+        part = edges_closed(parts, f_hat.reshape(-1, Ci.shape[1]), Cip, Co, points)
+        check_finite(part, f"edges from {next_layer} into {layer}")
+        return Sum(f_hat.shape[0] * f_hat.shape[1], part.cpu().numpy())
+    T = int(inputs.shape[1])  # token positions (used only for a transformer's attention)
+    fast = _attention(model, layer, next_layer, method, T, Ci.shape[1], Co.shape[1])
+    if fast is not None:
+        att, chunk = fast
+        for batch in _batches(inputs, min(batch_size, chunk)):
+            with torch.no_grad():
+                f_hat = model.activations(batch, [layer])[layer] @ Ci
+            part = edges_attention(att, f_hat, Cip, Co, points)
+            check_finite(part, f"edges from {next_layer} into {layer}")
+            total = part if total is None else total + part
+            count += f_hat.shape[0] * f_hat.shape[1]
+        assert total is not None
+        return Sum(count, total.cpu().numpy())
 
     def fn_hat(z: Tensor) -> Tensor:
         return model.run(z @ Cip, layer, next_layer) @ Co

@@ -26,6 +26,8 @@ Conventions (match the reference implementation, see docs/algorithm.md):
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
@@ -42,6 +44,36 @@ def append_const(x: Tensor) -> Tensor:
     return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
 
 
+class Parts(NamedTuple):
+    """A per-position map ``y = x P + act(x A) B`` with ``act`` elementwise (row vectors,
+    constants folded): P (d_in, d_out); A (d_in, m) and B (m, d_out), both None when the map is
+    affine (``act`` None). Composable while at most one activation is involved
+    (:func:`compose`); the closed-form Jacobian-Grams of :mod:`ribray.math.closed_form` use it."""
+
+    P: Tensor
+    A: Tensor | None = None
+    B: Tensor | None = None
+    act: str | None = None
+
+
+def compose(first: Parts, then: Parts) -> Parts | None:
+    """``then ∘ first`` as Parts, or None when both carry an activation."""
+    if then.act is None:  # y2 = x P1 P2 + act1(x A1) B1 P2
+        B = first.B @ then.P if first.B is not None else None
+        return Parts(first.P @ then.P, first.A, B, first.act)
+    if first.act is None:  # y2 = x P1 P2 + act2(x P1 A2) B2
+        return Parts(first.P @ then.P, first.P @ then.A, then.B, then.act)
+    return None
+
+
+def _eye(n: int, like: Tensor) -> Tensor:
+    return torch.eye(n, dtype=like.dtype, device=like.device)
+
+
+def _zeros(r: int, c: int, like: Tensor) -> Tensor:
+    return torch.zeros(r, c, dtype=like.dtype, device=like.device)
+
+
 class Step(nn.Module):
     """One step of a sequential model; ``in_name`` is the node layer it reads."""
 
@@ -53,6 +85,11 @@ class Step(nn.Module):
         super().__init__()
         self.in_name, self.d_in, self.d_out = in_name, d_in, d_out
 
+    def parts(self) -> Parts | None:
+        """This step as ``x -> x P + act(x A) B`` (per position), or None when it mixes
+        positions or is not of that form (attention)."""
+        return None
+
 
 class Identity(Step):
     """A layer-norm half of a model without layer norm: the node layer is passed on as is."""
@@ -62,6 +99,9 @@ class Identity(Step):
 
     def forward(self, x: Tensor) -> Tensor:
         return x
+
+    def parts(self) -> Parts:
+        return Parts(torch.eye(self.d_in, dtype=torch.float64))
 
 
 class Attention(Step):
@@ -107,6 +147,16 @@ class MlpIn(Step):
         h = ACTIVATIONS[self.act_fn](x @ self.W)
         return torch.cat([x[..., :-1], h, x[..., -1:]], dim=-1)
 
+    def parts(self) -> Parts:
+        W = self.W.detach().double()
+        (d1, m), d = W.shape, W.shape[0] - 1
+        P = _zeros(d1, self.d_out, W)
+        P[:d, :d] = _eye(d, W)  # the residual passes
+        P[d, d + m] = 1.0  # and the constant
+        B = _zeros(m, self.d_out, W)
+        B[:, d: d + m] = _eye(m, W)
+        return Parts(P, W, B, self.act_fn)
+
 
 class MlpOut(Step):
     """(residual, hidden, 1) -> (residual + hidden @ W_out + b_out, 1)."""
@@ -120,6 +170,14 @@ class MlpOut(Step):
     def forward(self, x: Tensor) -> Tensor:
         resid, hc = x[..., : self.d_model], x[..., self.d_model:]
         return torch.cat([resid + hc @ self.W, x[..., -1:]], dim=-1)
+
+    def parts(self) -> Parts:
+        W, d = self.W.detach().double(), self.d_model
+        P = _zeros(self.d_in, self.d_out, W)
+        P[:d, :d] = _eye(d, W)
+        P[d:, :d] = W  # hidden and constant rows: W_out and b_out
+        P[-1, -1] = 1.0
+        return Parts(P)
 
 
 class Affine(Step):
@@ -136,6 +194,17 @@ class Affine(Step):
         if self.act_fn is None:
             return y
         return torch.cat([ACTIVATIONS[self.act_fn](y), x[..., -1:]], dim=-1)
+
+    def parts(self) -> Parts:
+        W = self.W.detach().double()
+        if self.act_fn is None:
+            return Parts(W)
+        n = W.shape[1]
+        P = _zeros(self.d_in, self.d_out, W)
+        P[-1, -1] = 1.0
+        B = _zeros(n, self.d_out, W)
+        B[:, :n] = _eye(n, W)
+        return Parts(P, W, B, self.act_fn)
 
 
 class TokenEmbed(nn.Module):
@@ -212,6 +281,29 @@ class SequentialModel(nn.Module):
         if inputs.ndim != 2 or inputs.shape[1] != want:
             return f"inputs have shape {tuple(inputs.shape)}, the model takes (n, {want})"
         return None
+
+    def section_parts(self, start: str, stop: str,
+                      device: torch.device | str = "cpu") -> Parts | None:
+        """The section from ``start`` to ``stop`` as one :class:`Parts` (float64, on
+        ``device``), or None when a step mixes positions or more than one activation lies
+        between them."""
+        out: Parts | None = None
+        for step in self.steps[self.index(start): self.index(stop)]:
+            p = step.parts()
+            if p is None:
+                return None
+            p = Parts(*(None if t is None else t.to(device) for t in p[:3]), p.act)
+            out = p if out is None else compose(out, p)
+            if out is None:
+                return None
+        return out
+
+    def section_attention(self, start: str, stop: str) -> Attention | None:
+        """The one attention step of a section that is otherwise identities, else None."""
+        steps = self.steps[self.index(start): self.index(stop)]
+        att = [s for s in steps if isinstance(s, Attention)]
+        rest = [s for s in steps if not isinstance(s, (Attention, Identity))]
+        return att[0] if len(att) == 1 and not rest else None
 
     def run(self, x: Tensor, start: str, stop: str) -> Tensor:
         """Apply the steps from node layer ``start`` up to node layer ``stop``."""
