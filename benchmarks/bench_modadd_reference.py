@@ -3,14 +3,17 @@
 Usage (from the repository root; needs ../shared/reference-models):
 
     python benchmarks/bench_modadd_reference.py [--job jobs/reference/modadd-seed0-lib.yaml]
-                                                [--workers 1 2] [--serial]
+                                                [--workers 1 2] [--jacobians auto exact]
+                                                [--serial]
 
 For each worker count it runs the whole job through Ray (a fresh local instance per run, no
 dashboard) and prints seconds per phase as recorded in the store's ``timings`` attribute:
 preflight (checkpoint, data, checks), ray_start, workers_start (actors load the model), gram,
 basis_M (Jacobian-Gram passes and eigendecompositions), edges, total. ``--serial`` adds the same
-recursion in this process without Ray, which isolates the math from the orchestration. Figures
-vary with machine load: compare rows from one run only.
+recursion in this process without Ray, which isolates the math from the orchestration.
+``--jacobians`` runs each setting of the job's ``jacobians`` field (fast paths, or the exact
+per-feature path), and the last lines give the ratios exact/auto and 1/2 workers per phase.
+Figures vary with machine load: compare rows from one run only.
 """
 
 from __future__ import annotations
@@ -32,17 +35,18 @@ from ribray.shards import SerialBackend, ShardComputer
 PHASES = ["preflight", "ray_start", "workers_start", "gram", "basis_M", "edges", "total"]
 
 
-def ray_run(job_file: Path, workers: int) -> dict[str, float]:
+def ray_run(job_file: Path, workers: int, jacobians: str) -> dict[str, float]:
     job = load_job(job_file)
-    job = job.model_copy(update={"ray": job.ray.model_copy(update={"num_workers": workers})})
+    job = job.model_copy(update={"ray": job.ray.model_copy(update={"num_workers": workers}),
+                                 "jacobians": jacobians})
     with tempfile.TemporaryDirectory() as tmp:
         timings = run_job(job, Path(tmp) / "store.zarr", dashboard=False, log=lambda s: None)
     ray.shutdown()
     return timings
 
 
-def serial_run(job_file: Path) -> dict[str, float]:
-    job = load_job(job_file)
+def serial_run(job_file: Path, jacobians: str) -> dict[str, float]:
+    job = load_job(job_file).model_copy(update={"jacobians": jacobians})
     t0 = time.perf_counter()
     model, data = load_sequential(job), load_data(job)
     comp = ShardComputer(model, data.inputs, compute_settings(job))
@@ -60,17 +64,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--job", type=Path, default=Path("jobs/reference/modadd-seed0-lib.yaml"))
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--jacobians", nargs="+", default=["auto", "exact"],
+                    choices=["auto", "exact"])
     ap.add_argument("--serial", action="store_true", help="also run without Ray")
     args = ap.parse_args()
     rows = {}
-    if args.serial:
-        rows["serial (no Ray)"] = serial_run(args.job)
-    for w in args.workers:
-        rows[f"Ray, {w} worker{'s' if w > 1 else ''}"] = ray_run(args.job, w)
+    for jac in args.jacobians:
+        if args.serial:
+            rows[(jac, 0)] = serial_run(args.job, jac)
+        for w in args.workers:
+            rows[(jac, w)] = ray_run(args.job, w, jac)
+            print(f"{jac}, {w} workers: total {rows[(jac, w)]['total']:.1f}s", flush=True)
     print(f"{args.job}")
-    print(f"{'run':<18}" + "".join(f"{p:>14}" for p in PHASES))
-    for name, t in rows.items():
-        print(f"{name:<18}" + "".join(f"{t.get(p, float('nan')):>14.2f}" for p in PHASES))
+    print(f"{'run':<24}" + "".join(f"{p:>14}" for p in PHASES))
+    for (jac, w), t in rows.items():
+        name = f"{jac}, " + (f"Ray {w} worker{'s' if w > 1 else ''}" if w else "serial")
+        print(f"{name:<24}" + "".join(f"{t.get(p, float('nan')):>14.2f}" for p in PHASES))
+    ratio(rows, "exact/auto", [((("exact", w), ("auto", w))) for w in args.workers])
+    ratio(rows, "1/2 workers", [(((j, 1), (j, 2))) for j in args.jacobians])
+
+
+def ratio(rows: dict, what: str, pairs: list) -> None:
+    for a, b in pairs:
+        if a in rows and b in rows:
+            ta, tb = rows[a], rows[b]
+            both = ("basis_M", "edges")
+            print(f"{what} ({a} vs {b}): " + ", ".join(
+                f"{p} {ta[p] / tb[p]:.2f}x" for p in ("gram", *both, "total")) +
+                f", basis_M+edges {sum(ta[p] for p in both) / sum(tb[p] for p in both):.2f}x")
 
 
 if __name__ == "__main__":

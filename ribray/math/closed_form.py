@@ -29,7 +29,11 @@ computed one block of input features j at a time as one (N, m) @ (m, b·k_out) p
 
 Derivatives ``act'`` come from autograd on the elementwise function itself, so they equal
 what the exact path (:func:`ribray.math.jacobian.integrated_jacobian`) differentiates,
-including ReLU's 0 at 0. Everything is computed in float64.
+including ReLU's 0 at 0.
+
+Precision: the large products run in the model's dtype (float64 for the reference jobs,
+float32 for language models, as the exact path's backward passes do); every partial sum
+returned is float64 and is summed in float64 across batches and shards.
 """
 
 from __future__ import annotations
@@ -50,14 +54,14 @@ def _f64(t: Tensor) -> Tensor:
 
 
 def act_derivative(act: str, pre: Tensor, points: list[Point]) -> Tensor:
-    """g = Σ_α w_α act'(α pre), elementwise (same shape as ``pre``), in float64."""
-    g = torch.zeros_like(pre, dtype=torch.float64)
+    """g = Σ_α w_α act'(α pre), elementwise (same shape and dtype as ``pre``)."""
+    g = torch.zeros_like(pre)
     fn = ACTIVATIONS[act]
     for pt in points:
         z = (pt.alpha * pre).detach().requires_grad_(True)
         with torch.enable_grad():
             (d,) = torch.autograd.grad(fn(z).sum(), z)
-        g.add_(_f64(d), alpha=pt.weight)
+        g.add_(d, alpha=pt.weight)
     return g
 
 
@@ -65,23 +69,45 @@ def _sigma(points: list[Point]) -> float:
     return float(sum(pt.weight for pt in points))
 
 
-def m_closed(parts: Parts, x: Tensor, C_out: Tensor, points: list[Point]) -> Tensor:
-    """Σ over rows of D K Dᵀ (d_in, d_in) in float64; ``x``: (N, d_in) rows of the section's
-    input (model dtype), ``C_out``: (d_out, k_out) the next layer's basis."""
+class ActMoments(NamedTuple):
+    """What M of an elementwise section needs from its rows: the row count, Σ_r g_r and
+    Σ_r g_r g_rᵀ (float64). Mergeable by addition, so a shard's batches are summed first and
+    the fixed products with A, B, P and K are formed once per shard."""
+
+    n: int
+    g_sum: Tensor | None  # (m,)
+    gram: Tensor | None  # (m, m)
+
+    def __add__(self, other: ActMoments) -> ActMoments:  # type: ignore[override]
+        if self.g_sum is None or other.g_sum is None:
+            return ActMoments(self.n + other.n, None, None)
+        return ActMoments(self.n + other.n, self.g_sum + other.g_sum, self.gram + other.gram)
+
+
+def act_moments(parts: Parts, x: Tensor, points: list[Point]) -> ActMoments:
+    """:class:`ActMoments` of rows ``x`` (N, d_in), in the model's dtype then float64."""
+    if parts.act is None:
+        return ActMoments(x.shape[0], None, None)
+    G = act_derivative(parts.act, x @ parts.A.to(x.dtype), points)  # (N, m)
+    return ActMoments(x.shape[0], _f64(G.sum(0)), _f64(G.T @ G))
+
+
+def m_from_moments(parts: Parts, mom: ActMoments, C_out: Tensor, points: list[Point]
+                   ) -> Tensor:
+    """Σ over rows of D K Dᵀ (d_in, d_in) in float64 from the rows' :class:`ActMoments`;
+    ``C_out``: (d_out, k_out) the next layer's basis."""
     P, C = parts.P, _f64(C_out)
     s = _sigma(points)
     K = C @ C.T
     PK = P @ K
-    M = (x.shape[0] * s * s) * (PK @ P.T)
-    if parts.act is None:
+    M = (mom.n * s * s) * (PK @ P.T)
+    if parts.act is None or mom.g_sum is None:
         return M
     A, B = parts.A, parts.B
-    pre = x @ A.to(x.dtype)
-    G = act_derivative(parts.act, pre, points)  # (N, m)
     BK = B @ K
-    cross = (A * G.sum(0)) @ (BK @ P.T)  # A diag(Σ g) B K Pᵀ
+    cross = (A * mom.g_sum) @ (BK @ P.T)  # A diag(Σ g) B K Pᵀ
     M += s * (cross + cross.T)
-    M += (A @ ((BK @ B.T) * (G.T @ G))) @ A.T
+    M += (A @ ((BK @ B.T) * mom.gram)) @ A.T
     return M
 
 
@@ -99,9 +125,11 @@ def edges_closed(parts: Parts, f_hat: Tensor, C_in_pinv: Tensor, C_out: Tensor,
     Q = Cip @ parts.P @ Co  # (k_in, k_out)
     if parts.act is None:
         return ((s * Q) ** 2 * (f * f).sum(0)[:, None]).T
-    U, V = Cip @ parts.A, parts.B @ Co  # (k_in, m), (m, k_out)
-    x = f_hat @ C_in_pinv.to(f_hat.dtype)
-    G = act_derivative(parts.act, x @ parts.A.to(x.dtype), points)  # (N, m)
+    dt = f_hat.dtype  # the product below runs in the model's dtype
+    U, V = (Cip @ parts.A).to(dt), (parts.B @ Co).to(dt)  # (k_in, m), (m, k_out)
+    x = f_hat @ C_in_pinv.to(dt)
+    G = act_derivative(parts.act, x @ parts.A.to(dt), points)  # (N, m)
+    Q, f = Q.to(dt), f.to(dt)
     (N, m), (k_in, k_out) = G.shape, Q.shape
     E = torch.zeros(k_out, k_in, dtype=torch.float64, device=f.device)
     b = max(1, min(k_in, block_elements // max(1, m * k_out)))  # W: (m, b, k_out)
@@ -113,7 +141,7 @@ def edges_closed(parts: Parts, f_hat: Tensor, C_in_pinv: Tensor, C_out: Tensor,
         for r0 in range(0, N, rows):
             r = slice(r0, min(N, r0 + rows))
             jac = (G[r] @ W).reshape(-1, j.stop - j0, k_out) + s * Q[j]  # Ĵ_r[j, :]
-            E[:, j] += torch.einsum("rjk,rj->kj", jac * jac, f2[r, j])
+            E[:, j] += _f64(torch.einsum("rjk,rj->kj", jac * jac, f2[r, j]))
     return E
 
 
@@ -121,26 +149,39 @@ def edges_closed(parts: Parts, f_hat: Tensor, C_in_pinv: Tensor, C_out: Tensor,
 
 
 class AttentionTerms(NamedTuple):
-    """The integrated Jacobian of one attention step's output features, by parts (float64):
+    """The integrated Jacobian of one attention step's output features, by parts:
 
-        J[b, t, s] = δ(s = pos t) Jd[b, t] + Σ_h Ā[b, h, t, s] LVOC[h]
-                     + Σ_g La[b, g, t] ⊗ ū[b, g, t, s]                    (k_left, k_out)
+        J[b, t, s] = δ(s = pos t) (LPC + LWQ · ZOC[:, b, t])              (queries, residual)
+                     + Σ_h A[b, h, t, s] LVOC[h]                          (values)
+                     + Σ_g La[b, g, t] ⊗ u[b, g, t, s]                    (keys)
 
-    ``Jd`` holds everything at the query's own position (residual, constant, queries, and the
-    value and key terms there); ``Ā`` and ``ū`` are zero at it. ``g`` runs over (integration
-    point, head) pairs, the point's weight folded into ``ū``; ``Ā`` is already integrated."""
+    each (k_left, k_out). ``g`` runs over (integration point, head) pairs, the point's weight
+    folded into ``u``; ``A`` and ``ZOC`` are already integrated (weighted sums over points)."""
 
-    Jd: Tensor  # (B, Tq, k_left, k_out)
+    LPC: Tensor  # (k_left, k_out)
+    LWQ: Tensor  # (k_left, H·dh)
+    ZOC: Tensor  # (H·dh, B, Tq, k_out)
     A: Tensor  # (B, H, Tq, T)
     LVOC: Tensor  # (H, k_left, k_out)
     La: Tensor  # (B, G, Tq, k_left)
     u: Tensor  # (B, G, Tq, T, k_out)
     qpos: list[int]
 
+    def own(self) -> tuple[Tensor, Tensor]:
+        """A and u at each query's own position: (B, H, Tq), (B, G, Tq, k_out)."""
+        t, s = torch.arange(len(self.qpos)), torch.tensor(self.qpos)
+        return self.A[:, :, t, s], self.u[:, :, t, s]
 
-def _attention_point(att: Attention, z: Tensor, C: Tensor, L: Tensor
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[int]]:
-    """One point's (Jd, A, LVOC, La, u, qpos) before masking, at input ``z`` (B, T, d+1).
+    def Jd(self) -> Tensor:
+        """LPC + LWQ · ZOC, the query and residual part: (k_left, B, Tq, k_out)."""
+        H_dh, B, Tq, k = self.ZOC.shape
+        return (self.LWQ @ self.ZOC.reshape(H_dh, -1)).reshape(-1, B, Tq, k) + \
+            self.LPC[:, None, None, :]
+
+
+def _attention_point(att: Attention, z: Tensor, C: Tensor, L: Tensor) -> tuple[Tensor, ...]:
+    """One point's (LPC, LWQ, ZOC, A, LVOC, La, u) at input ``z`` (B, T, d+1), in z's dtype
+    (weights and the small products of C and L formed in float64).
 
     Per sample and head, with queries q_t, keys k_s, values v_s (biases folded), pattern A,
     head outputs o_t = Σ_s A_ts v_s, ṽ_ts = v_s − o_t and W_O' = [W_O, 0]:
@@ -152,6 +193,7 @@ def _attention_point(att: Attention, z: Tensor, C: Tensor, L: Tensor
 
     each left-multiplied by L.
     """
+    dt = z.dtype
     WQ, WK, WV = (_f64(w) for w in (att.W_Q, att.W_K, att.W_V))  # (H, d+1, dh)
     WO, bO = _f64(att.W_O), _f64(att.b_O)  # (H, dh, d), (d,)
     H, d1, dh = WQ.shape
@@ -160,10 +202,14 @@ def _attention_point(att: Attention, z: Tensor, C: Tensor, L: Tensor
     OC = torch.einsum("hqd,dk->hqk", WO, C[:d])  # W_O' C: (H, dh, k)
     P = torch.eye(d1, dtype=torch.float64, device=z.device)
     P[d, :d] = bO
-    LVOC = torch.einsum("ld,hdq,hqk->hlk", L, WV, OC)
-    LWK, LWQ = torch.einsum("ld,hdq->hlq", L, WK), torch.einsum("ld,hdq->hlq", L, WQ)
+    LPC = (L @ P @ C).to(dt)
+    LVOC = torch.einsum("ld,hdq,hqk->hlk", L, WV, OC).to(dt)
+    LWK = torch.einsum("ld,hdq->hlq", L, WK).to(dt)
+    LWQ = torch.einsum("ld,hdq->lhq", L, WQ).reshape(L.shape[0], H * dh).to(dt)
+    WQ, WK, WV, OC = WQ.to(dt), WK.to(dt), WV.to(dt), OC.to(dt)
 
     qpos = [T - 1] if att.last_pos_only else list(range(T))
+    Tq = len(qpos)
     q = torch.einsum("bpd,hdq->bhpq", z[:, qpos], WQ)
     k = torch.einsum("bpd,hdq->bhpq", z, WK)
     v = torch.einsum("bpd,hdq->bhpq", z, WV)
@@ -177,78 +223,94 @@ def _attention_point(att: Attention, z: Tensor, C: Tensor, L: Tensor
     u = A.unsqueeze(-1) * torch.einsum("bhtsq,hqk->bhtsk", vt, OC)
     La = torch.einsum("hlq,bhtq->bhtl", LWK, q) * scale
     Z = torch.einsum("bhts,bhsq,bhtsr->bhtqr", A, k, vt) * scale
-    ZOC = torch.einsum("bhtqr,hrk->bhtqk", Z, OC).permute(0, 2, 1, 3, 4)  # (B, Tq, H, dh, k)
-    Jd = (LWQ.permute(1, 0, 2).reshape(L.shape[0], H * dh)
-          @ ZOC.reshape(B, len(qpos), H * dh, -1)) + L @ P @ C
-    own = torch.tensor(qpos, device=z.device)
-    A_own = A[:, :, torch.arange(len(qpos)), own]  # (B, H, Tq)
-    u_own = u[:, :, torch.arange(len(qpos)), own]  # (B, H, Tq, k)
-    Jd += torch.einsum("bht,hlk->btlk", A_own, LVOC)
-    Jd += torch.einsum("bhtl,bhtk->btlk", La, u_own)
-    return Jd, A, LVOC, La, u, qpos
+    Zp = Z.permute(1, 3, 0, 2, 4).reshape(H, dh, B * Tq, dh)  # Z[b,h,t,q,r] at [h,q,bt,r]
+    ZOC = torch.matmul(Zp, OC.unsqueeze(1)).reshape(H * dh, B, Tq, -1)
+    return LPC, LWQ, ZOC, A, LVOC, La, u, qpos
 
 
 def attention_terms(att: Attention, z: Tensor, C_out: Tensor, points: list[Point],
                     left: Tensor | None = None) -> AttentionTerms:
-    """:class:`AttentionTerms` of Σ_α w_α J(α z) (the whole input scaled, as in eq. 11).
-    ``left`` (default the identity): C_in⁺ gives the Jacobian with respect to input features.
-    The constant coordinate is an ordinary input, as in the exact path."""
-    z, C = _f64(z), _f64(C_out)
+    """:class:`AttentionTerms` of Σ_α w_α J(α z) (the whole input scaled, as in eq. 11), in
+    z's dtype. ``left`` (default the identity): C_in⁺ gives the Jacobian with respect to the
+    input features. The constant coordinate is an ordinary input, as in the exact path."""
+    C = _f64(C_out)
     L = torch.eye(z.shape[-1], dtype=torch.float64, device=z.device) if left is None \
         else _f64(left)
-    Jd = A = None
+    LPC = ZOC = A = None
     Las, us = [], []
     for pt in points:
-        jd, a, LVOC, la, u, qpos = _attention_point(att, pt.alpha * z, C, L)
-        Jd = jd * pt.weight if Jd is None else Jd + jd * pt.weight
-        A = a * pt.weight if A is None else A + a * pt.weight
+        lpc, LWQ, zoc, a, LVOC, la, u, qpos = _attention_point(att, pt.alpha * z, C, L)
+        if pt.weight != 1.0:
+            lpc, zoc, a, u = lpc * pt.weight, zoc * pt.weight, a * pt.weight, u * pt.weight
+        LPC = lpc if LPC is None else LPC + lpc
+        ZOC = zoc if ZOC is None else ZOC + zoc
+        A = a if A is None else A + a
         Las.append(la)
-        us.append(u * pt.weight)
-    assert Jd is not None and A is not None
-    off = torch.ones(A.shape[-2:], dtype=torch.float64, device=z.device)
-    off[torch.arange(len(qpos)), torch.tensor(qpos, device=z.device)] = 0.0  # s ≠ pos t
-    return AttentionTerms(Jd, A * off, LVOC, torch.cat(Las, 1),
-                          torch.cat(us, 1) * off[..., None], qpos)
+        us.append(u)
+    assert LPC is not None and ZOC is not None and A is not None
+    return AttentionTerms(LPC, LWQ, ZOC, A, LVOC, torch.cat(Las, 1), torch.cat(us, 1), qpos)
 
 
 def attention_bytes_per_sample(att: Attention, T: int, k_left: int, k_out: int) -> int:
-    """Memory of the largest per-sample term (float64): Jd, or ū of all heads."""
+    """Memory of the largest per-sample term: the query part (k_left or H·dh by k_out per
+    query), or u of all heads."""
     Tq = 1 if att.last_pos_only else T
-    H = att.W_Q.shape[0]
-    return 8 * Tq * max(k_left * k_out, H * T * k_out, H * T * att.W_Q.shape[2])
+    H, dh, itemsize = att.W_Q.shape[0], att.W_Q.shape[2], att.W_Q.element_size()
+    return itemsize * Tq * max(max(k_left, H * dh) * k_out, H * T * max(k_out, dh))
 
 
 def m_attention(att: Attention, z: Tensor, C_out: Tensor, points: list[Point]) -> Tensor:
-    """Σ_{b, t, s} J Jᵀ (d_in, d_in) from :func:`attention_terms`, never forming J whole:
+    """Σ_{b, t, s} J Jᵀ (d_in, d_in), float64, from :func:`attention_terms`, never forming J.
+    With J = Jd δ + V + K (query/residual, value and key parts as in :class:`AttentionTerms`)
+    and W = LWQ:
 
-        Σ Jd Jdᵀ  +  Σ_{h,h'} (Σ Ā_h Ā_h') LVOC_h LVOC_h'ᵀ  +  (VK + VKᵀ)  +  Σ_bt La W La ᵀ
+    * Σ (V + K)(V + K)ᵀ = Σ_{h,h'} (Σ A_h A_h') LVOC_h LVOC_h'ᵀ + VK + VKᵀ + Σ La U La ᵀ,
+      VK = Σ_h LVOC_h Σ A_h u_g ⊗ La_g,  U[g, g'] = Σ_s u_g · u_g';
+    * Σ Jd Jdᵀ = N LPC LPCᵀ + LPC (Σ ZOC)ᵀ Wᵀ + its transpose + W (Σ ZOC ZOCᵀ) Wᵀ;
+    * Σ Jd (V + K)ᵀ at the own position, and its transpose, from weighted sums of ZOC.
 
-    with VK = Σ_h LVOC_h Σ_{b,t,s,g} Ā_h ū_g ⊗ La_g and W[g, g'] = Σ_s ū_g · ū_g'."""
+    The one large product is Σ ZOC ZOCᵀ: (H·dh)² by B·Tq·k_out."""
     tm = attention_terms(att, z, C_out, points)
-    Jd, A, LVOC, La, u = tm.Jd, tm.A, tm.LVOC, tm.La, tm.u
-    X = Jd.permute(2, 0, 1, 3).reshape(Jd.shape[2], -1)
-    M = X @ X.T
+    A, LVOC, La, u, W, LPC = tm.A, tm.LVOC, tm.La, tm.u, tm.LWQ, tm.LPC
+    M = torch.zeros(W.shape[0], W.shape[0], dtype=torch.float64, device=z.device)
+    # values and keys, every position
     c = torch.einsum("bhts,bgts->hg", A, A)
-    M += torch.einsum("hlk,hmk->lm", LVOC, torch.einsum("hg,gmk->hmk", c, LVOC))
-    Wv = torch.einsum("bhts,bgtsk->bhtgk", A, u)  # Σ_s Ā_h ū_g
-    R = torch.einsum("bhtgk,bgtl->hkl", Wv, La)
-    VK = torch.einsum("hlk,hkm->lm", LVOC, R)
+    M += _f64(torch.einsum("hlk,hmk->lm", LVOC, torch.einsum("hg,gmk->hmk", c, LVOC)))
+    Wv = torch.einsum("bhts,bgtsk->bhtgk", A, u)  # Σ_s A_h u_g
+    VK = _f64(torch.einsum("hlk,hkm->lm", LVOC, torch.einsum("bhtgk,bgtl->hkl", Wv, La)))
     M += VK + VK.T
-    w = torch.einsum("bgtsk,bftsk->btgf", u, u)
-    M += torch.einsum("bgtl,btgf,bftm->lm", La, w, La)
+    U = torch.einsum("bgtsk,bftsk->btgf", u, u)
+    M += _f64(torch.einsum("bgtl,btgf,bftm->lm", La, U, La))
+    # queries and residual at the own position
+    ZOC = tm.ZOC.reshape(tm.ZOC.shape[0], -1, tm.ZOC.shape[-1])  # (H·dh, B·Tq, k)
+    n = ZOC.shape[1]
+    Zs = ZOC.sum(1)  # (H·dh, k)
+    Zf = ZOC.reshape(ZOC.shape[0], -1)
+    DD = n * (LPC @ LPC.T) + LPC @ Zs.T @ W.T
+    M += _f64(DD + DD.T - n * (LPC @ LPC.T)) + _f64(W @ (Zf @ Zf.T) @ W.T)
+    # their cross terms with the values and keys at the own position
+    A_own, u_own = tm.own()  # (B, H, Tq), (B, G, Tq, k)
+    Y = torch.einsum("bht,qbtk->hqk", A_own, tm.ZOC)  # Σ_bt A_own,h ZOC
+    cross = LPC @ torch.einsum("h,hlk->kl", A_own.sum((0, 2)), LVOC)
+    cross += W @ torch.einsum("hqk,hlk->ql", Y, LVOC)
+    cross += LPC @ torch.einsum("bgtk,bgtl->kl", u_own, La)
+    cross += W @ torch.einsum("qbtk,bgtk,bgtl->ql", tm.ZOC, u_own, La)
+    cross = _f64(cross)
+    M += cross + cross.T
     return M
 
 
 def edges_attention(att: Attention, f_hat: Tensor, C_in_pinv: Tensor, C_out: Tensor,
                     points: list[Point]) -> Tensor:
-    """Σ_{b,t} a[b,t,j,i]², a = Σ_s f[b,s,j] Ĵ[b,t,s,j,i]; shape (k_out, k_in). ``f_hat``:
-    (B, T, k_in); the Jacobian Ĵ is taken with respect to the features at ``f_hat @ C_in⁺``:
+    """Σ_{b,t} a[b,t,j,i]², a = Σ_s f[b,s,j] Ĵ[b,t,s,j,i]; shape (k_out, k_in), float64.
+    ``f_hat``: (B, T, k_in); the Jacobian Ĵ is taken with respect to the features at
+    ``f_hat @ C_in⁺``:
 
-        a = f[b, pos t, j] Jd[b,t,j,i] + Σ_h (Σ_s f_bsj Ā_h) LVOC_h[j,i]
-            + Σ_g La_g[j] (Σ_s f_bsj ū_g[i])"""
-    Cip, f = _f64(C_in_pinv), _f64(f_hat)
-    tm = attention_terms(att, f @ Cip, C_out, points, left=Cip)
-    a = f[:, tm.qpos].unsqueeze(-1) * tm.Jd
-    a += torch.einsum("bhtj,hji->btji", torch.einsum("bsj,bhts->bhtj", f, tm.A), tm.LVOC)
-    a += torch.einsum("bgtj,bsj,bgtsi->btji", tm.La, f, tm.u)
-    return (a * a).sum(dim=(0, 1)).T
+        a = f[b, pos t, j] Jd[j,b,t,i] + Σ_h (Σ_s f_bsj A_h) LVOC_h[j,i]
+            + Σ_g La_g[j] (Σ_s f_bsj u_g[i])"""
+    f = f_hat
+    tm = attention_terms(att, f @ C_in_pinv.to(f.dtype), C_out, points, left=C_in_pinv)
+    a = f[:, tm.qpos].permute(2, 0, 1).unsqueeze(-1) * tm.Jd()  # (j, b, t, i)
+    a += torch.einsum("bhtj,hji->jbti", torch.einsum("bsj,bhts->bhtj", f, tm.A), tm.LVOC)
+    a += torch.einsum("bgtj,bsj,bgtsi->jbti", tm.La, f, tm.u)
+    return _f64((a * a).sum(dim=(1, 2))).T

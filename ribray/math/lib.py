@@ -21,11 +21,13 @@ from torch import Tensor
 
 from ribray.math.accumulators import Moments, Sum
 from ribray.math.closed_form import (
+    ActMoments,
+    act_moments,
     attention_bytes_per_sample,
     edges_attention,
     edges_closed,
     m_attention,
-    m_closed,
+    m_from_moments,
 )
 from ribray.math.jacobian import Point, edge_sum, integrated_jacobian, m_sum
 from ribray.math.sequential import Attention, Parts, SequentialModel
@@ -95,16 +97,16 @@ def _m_closed(model: SequentialModel, inputs: Tensor, layer: str, parts: Parts,
               C_target: np.ndarray, points: list[Point], batch_size: int) -> Sum:
     C = torch.tensor(np.asarray(C_target), dtype=torch.float64,
                      device=next(model.parameters()).device)
-    total, count = None, 0
+    mom: ActMoments | None = None
     for batch in _batches(inputs, batch_size):
         with torch.no_grad():
             x = model.activations(batch, [layer])[layer]
-        part = m_closed(parts, x.reshape(-1, x.shape[-1]), C, points)
-        check_finite(part, f"gradients into {layer}")
-        total = part if total is None else total + part
-        count += x.shape[0] * x.shape[1]
-    assert total is not None
-    return Sum(count, total.cpu().numpy())
+        part = act_moments(parts, x.reshape(-1, x.shape[-1]), points)
+        mom = part if mom is None else mom + part
+    assert mom is not None
+    total = m_from_moments(parts, mom, C, points)
+    check_finite(total, f"gradients into {layer}")
+    return Sum(mom.n, total.cpu().numpy())
 
 
 def m_partial(model: SequentialModel, inputs: Tensor, layer: str, target: str,
