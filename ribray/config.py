@@ -109,6 +109,9 @@ class RaySpec(Strict):
                                                    )] = None
     shard_size: Annotated[int, Field(ge=1, description="samples per shard")] = 512
     batch_size: Annotated[int, Field(ge=1, description="samples per forward pass")] = 256
+    keep_partials_after_s: Annotated[float, Field(ge=0, description=(
+        "a phase keeps its shards' partial sums in the store (for resuming) once it has run "
+        "this long; shorter phases are cheaper to compute again"))] = 5.0
     autoscaling: bool = Field(False, description="the cluster adds nodes on demand: the worker "
                                                  "count and GPUs per worker are taken as given "
                                                  "and not checked against the nodes up now")

@@ -103,21 +103,27 @@ class LibWorker:
                 "node": ray.get_runtime_context().get_node_id()}
 
 
+#: shards in flight per worker actor
+DEPTH = 2
+
+
 class RayBackend:
     """The pipeline's Backend on a pool of :class:`LibWorker` actors.
 
-    With a ``cache`` (the :class:`~ribray.store.StoreWriter`), every shard's partial sum is kept
-    as it arrives and the shards an earlier run kept are not computed again. Each finished
-    shard is reported to ``report`` (:class:`ribray.progress.Reporter`); without one, a log line
-    every two seconds.
+    With a ``cache`` (the :class:`~ribray.store.StoreWriter`), shards' partial sums are kept
+    as they arrive once a phase has run ``keep_after`` seconds (a shorter phase is cheaper to
+    compute again than to keep), and the shards an earlier run kept are not computed again.
+    Each finished shard is reported to ``report`` (:class:`ribray.progress.Reporter`);
+    without one, a log line every two seconds.
     """
 
     def __init__(self, workers: list, shards: list[tuple[int, int]], log: Log,
                  cache: StoreWriter | None = None, report: Reporter | None = None,
-                 job_name: str = "", tokens_per_sample: int = 1):
+                 job_name: str = "", tokens_per_sample: int = 1, keep_after: float = 0.0):
         self.workers, self.shards, self.log, self.cache = workers, shards, log, cache
         self.report = report or Reporter(log)
         self.job_name, self.tokens_per_sample = job_name, tokens_per_sample
+        self.keep_after = keep_after
 
     def _map(self, phase: str, method: str, *args: Any) -> dict[int, Any]:
         refs = [ray.put(a) if isinstance(a, np.ndarray) else a for a in args]
@@ -126,8 +132,11 @@ class RayBackend:
             self.log(f"  {phase}: {len(done)}/{len(self.shards)} shards kept by an earlier run")
         todo = [s for s in range(len(self.shards)) if s not in done][::-1]
         in_flight: dict[Any, tuple[int, int]] = {}
-        idle = list(range(len(self.workers)))
+        # each worker holds up to DEPTH shards, so the next is queued while the driver keeps
+        # the last one's partial (the order of results never matters: sums are by shard id)
+        idle = list(range(len(self.workers))) * DEPTH
         t0, samples, computed = time.perf_counter(), 0, 0
+        unkept: list[int] = []  # computed, not yet kept in the store
         while todo or in_flight:
             while todo and idle:
                 w, s = idle.pop(), todo.pop()
@@ -140,8 +149,7 @@ class RayBackend:
                 try:
                     done[s] = ray.get(ref)
                     check_partial(done[s], f"{phase}, shard {s} {self.shards[s]}")
-                    if self.cache is not None:
-                        self.cache.save_partial(phase, s, done[s])
+                    unkept.append(s)
                     samples += self.shards[s][1] - self.shards[s][0]
                     computed += 1
                 except ray.exceptions.RayTaskError as exc:
@@ -152,6 +160,10 @@ class RayBackend:
                     raise WorkerError(f"{phase}, shard {s} {self.shards[s]}: worker died and "
                                       f"could not be restarted ({type(exc).__name__})") from None
             elapsed = time.perf_counter() - t0
+            if self.cache is not None and (todo or in_flight) and elapsed >= self.keep_after:
+                for s in unkept:
+                    self.cache.save_partial(phase, s, done[s])
+                unkept.clear()
             rate = samples / elapsed if elapsed > 0 else 0.0
             self.report(Event(self.job_name, phase, len(done), len(self.shards), elapsed, rate,
                               rate * self.tokens_per_sample, computed))
@@ -337,6 +349,7 @@ def _run(job: JobSpec, out: Where, address: str | None, overwrite: bool, dashboa
         tokens = info["tokens_per_sample"]
         try:
             timings = pipeline.run(RayBackend(workers, shards, log, cache=writer, report=report,
+                                              keep_after=job.ray.keep_partials_after_s,
                                               job_name=job.name, tokens_per_sample=tokens),
                                    list(job.basis.node_layers), info["widths"],
                                    basis_settings(job), writer, log)

@@ -69,7 +69,8 @@ def open_group(where: Where, mode: str) -> zarr.Group:
     return zarr.open_group(loc.zarr_store(read_only=mode == "r"), mode=mode)
 
 
-RESULT_IRRELEVANT = {"out": None, "runtime_env": None, "ray": ("num_workers", "autoscaling")}
+RESULT_IRRELEVANT = {"out": None, "runtime_env": None,
+                     "ray": ("num_workers", "autoscaling", "keep_partials_after_s")}
 
 
 def result_hash(config: dict[str, Any]) -> str:

@@ -47,7 +47,11 @@ def job_file(out_dir: Path) -> Path:
            "data": {"kind": "modular-addition", "n_samples": 1024},
            "basis": {"kind": "lib", "node_layers": ["ln1.0", "ln2.0", "unembed", "output"],
                      "truncation_threshold": 1e-10, "threshold_mode": "relative"},
-           "ray": {"num_workers": 2, "shard_size": 128, "batch_size": 64},
+           # the exact path and partials kept at once: phases long enough to be interrupted
+           # mid-way, and shards kept from the first one on
+           "jacobians": "exact",
+           "ray": {"num_workers": 2, "shard_size": 128, "batch_size": 64,
+                   "keep_partials_after_s": 0},
            "out": str(out_dir / "unused.zarr")}
     path = out_dir / "job.yaml"
     path.write_text(yaml.safe_dump(job))

@@ -182,3 +182,39 @@ def test_kept_partials_round_trip_exactly_and_damage_is_recomputed(tmp_path):
         assert w.load_partials("M/ln2.0") == {}
     finally:
         w.fail("test over")
+
+
+def test_quick_phases_keep_no_partials(ray_local, small_transformer_ckpt, tmp_path):
+    """Partials are kept once a phase has run ``ray.keep_partials_after_s``: from the first
+    shard with 0 (all but the last, whose phase then completes), none for a phase that ends
+    sooner. Either way the reduced result is the same."""
+    import numpy as np
+    import ray
+
+    from ribray.build import load_data
+    from ribray.config import load_job
+    from ribray.data import shard_ranges
+    from ribray.orchestrate import LibWorker, RayBackend
+    from ribray.store import StoreWriter
+
+    job = load_job(write_job(tmp_path / "job.yaml", **{"model.path": str(small_transformer_ckpt)}))
+    workers = [ray.remote(num_cpus=1)(LibWorker).remote(job.model_dump()) for _ in range(2)]
+    shards = shard_ranges(len(load_data(job)), job.ray.shard_size)
+    layers = ["ln1.0", "ln2.0"]
+    results = {}
+    for keep_after in (0.0, 3600.0):
+        writer = StoreWriter(tmp_path / f"keep{keep_after:g}.zarr", {"config": {"k": keep_after}})
+        try:
+            backend = RayBackend(workers, shards, lambda s: None, cache=writer,
+                                 keep_after=keep_after)
+            results[keep_after] = backend.gram(layers)
+            kept = writer.load_partials("gram")
+        finally:
+            writer.fail("test")
+        assert len(kept) == (len(shards) - 1 if keep_after == 0 else 0)
+    for s in range(len(shards)):
+        for layer in layers:
+            a, b = results[0.0][s][layer], results[3600.0][s][layer]
+            assert a.count == b.count and np.array_equal(a.comoment, b.comoment)
+    for w in workers:
+        ray.kill(w)

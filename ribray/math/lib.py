@@ -66,8 +66,11 @@ def _as_tensor(a: np.ndarray, model: SequentialModel) -> Tensor:
 METHODS = ("auto", "exact")
 
 
-#: the most memory the attention terms of one chunk of samples may take (bytes)
+#: the most memory one sample's attention terms may take for the by-parts path (bytes)
 ATTENTION_BUDGET = 256 * 2**20
+#: the target size of one chunk's largest attention term: small enough to stay in cache, so
+#: that workers sharing a machine are not limited by memory bandwidth (bytes)
+ATTENTION_CHUNK = 32 * 2**20
 
 
 def _closed_parts(model: SequentialModel, layer: str, target: str, method: str) -> Parts | None:
@@ -90,7 +93,7 @@ def _attention(model: SequentialModel, layer: str, target: str, method: str, T: 
     per_sample = attention_bytes_per_sample(att, T, k_left, k_out)
     if per_sample > ATTENTION_BUDGET:
         return None
-    return att, max(1, ATTENTION_BUDGET // per_sample)
+    return att, max(1, ATTENTION_CHUNK // per_sample)
 
 
 def _m_closed(model: SequentialModel, inputs: Tensor, layer: str, parts: Parts,
