@@ -135,3 +135,19 @@ def test_a_whole_job_gives_the_same_basis_either_way(tmp_path):
         np.testing.assert_allclose(f.lambdas, e.lambdas, rtol=0, atol=1e-9 * e.lambdas.max())
         Me, Mf = e.extra["M"], f.extra["M"]
         np.testing.assert_allclose(Mf, Me, rtol=0, atol=1e-9 * np.abs(Me).max())
+
+
+def test_a_next_layer_without_features_gives_empty_sums():
+    """k_out = 0 (every Λ under the cutoff): the fast paths return the exact path's empty or
+    zero sums instead of dividing by zero."""
+    model, tokens = _transformer("relu")
+    pts = integration_points("gradient", 0)
+    for a, b in [("ln1.0", "ln2.0"), ("ln2.0", "ln1.1")]:
+        C_a, C_a_pinv = _basis(model, tokens, a, 4, 1)
+        empty = np.zeros((model.width(b), 0))
+        for method in ("exact", "auto"):
+            m = lib.m_partial(model, tokens, a, b, empty, pts, 16, method=method)
+            e = lib.edge_partial(model, tokens, a, b, C_a, C_a_pinv, empty, pts, 16,
+                                 method=method)
+            assert m.total.shape == (model.width(a),) * 2 and not m.total.any()
+            assert e.total.shape == (0, 4)

@@ -123,6 +123,8 @@ def edges_closed(parts: Parts, f_hat: Tensor, C_in_pinv: Tensor, C_out: Tensor,
     f = _f64(f_hat)
     s = _sigma(points)
     Q = Cip @ parts.P @ Co  # (k_in, k_out)
+    if Q.numel() == 0:  # a layer that kept no feature
+        return Q.T.clone()
     if parts.act is None:
         return ((s * Q) ** 2 * (f * f).sum(0)[:, None]).T
     dt = f_hat.dtype  # the product below runs in the model's dtype
@@ -179,9 +181,46 @@ class AttentionTerms(NamedTuple):
             self.LPC[:, None, None, :]
 
 
-def _attention_point(att: Attention, z: Tensor, C: Tensor, L: Tensor) -> tuple[Tensor, ...]:
-    """One point's (LPC, LWQ, ZOC, A, LVOC, La, u) at input ``z`` (B, T, d+1), in z's dtype
-    (weights and the small products of C and L formed in float64).
+class AttentionMaps(NamedTuple):
+    """What the by-parts Jacobian of one attention step needs besides its input, formed once
+    per shard (float64, then cast to the compute dtype): the folded weights, W_O' C and the
+    left-multiplied maps of :class:`AttentionTerms`."""
+
+    WQ: Tensor  # (H, d+1, dh)
+    WK: Tensor
+    WV: Tensor
+    OC: Tensor  # W_O' C: (H, dh, k_out)
+    LPC: Tensor  # (k_left, k_out)
+    LVOC: Tensor  # (H, k_left, k_out)
+    LWK: Tensor  # (H, k_left, dh)
+    LWQ: Tensor  # (k_left, H·dh)
+    last_pos_only: bool
+
+
+def attention_maps(att: Attention, C_out: Tensor, left: Tensor | None = None,
+                   dtype: torch.dtype | None = None) -> AttentionMaps:
+    """:class:`AttentionMaps` of ``att`` for the next layer's basis ``C_out`` (d+1, k_out) and
+    ``left`` (k_left, d+1; default the identity, C_in⁺ for the edges), in ``dtype`` (default
+    the step's)."""
+    dt = dtype or att.W_Q.dtype
+    WQ, WK, WV = (_f64(w) for w in (att.W_Q, att.W_K, att.W_V))
+    WO, bO, C = _f64(att.W_O), _f64(att.b_O), _f64(C_out)
+    H, d1, dh = WQ.shape
+    d = d1 - 1
+    L = torch.eye(d1, dtype=torch.float64, device=WQ.device) if left is None else _f64(left)
+    OC = torch.einsum("hqd,dk->hqk", WO, C[:d])
+    P = torch.eye(d1, dtype=torch.float64, device=WQ.device)
+    P[d, :d] = bO  # the residual passes, the constant adds b_O
+    return AttentionMaps(
+        WQ.to(dt), WK.to(dt), WV.to(dt), OC.to(dt), (L @ P @ C).to(dt),
+        torch.einsum("ld,hdq,hqk->hlk", L, WV, OC).to(dt),
+        torch.einsum("ld,hdq->hlq", L, WK).to(dt),
+        torch.einsum("ld,hdq->lhq", L, WQ).reshape(L.shape[0], H * dh).to(dt),
+        att.last_pos_only)
+
+
+def _attention_point(mp: AttentionMaps, z: Tensor) -> tuple[Tensor, ...]:
+    """One point's (ZOC, A, La, u, qpos) at input ``z`` (B, T, d+1), in the maps' dtype.
 
     Per sample and head, with queries q_t, keys k_s, values v_s (biases folded), pattern A,
     head outputs o_t = Σ_s A_ts v_s, ṽ_ts = v_s − o_t and W_O' = [W_O, 0]:
@@ -193,26 +232,14 @@ def _attention_point(att: Attention, z: Tensor, C: Tensor, L: Tensor) -> tuple[T
 
     each left-multiplied by L.
     """
-    dt = z.dtype
-    WQ, WK, WV = (_f64(w) for w in (att.W_Q, att.W_K, att.W_V))  # (H, d+1, dh)
-    WO, bO = _f64(att.W_O), _f64(att.b_O)  # (H, dh, d), (d,)
-    H, d1, dh = WQ.shape
-    d = d1 - 1
+    H, _, dh = mp.WQ.shape
+    z = z.to(mp.WQ.dtype)
     B, T, _ = z.shape
-    OC = torch.einsum("hqd,dk->hqk", WO, C[:d])  # W_O' C: (H, dh, k)
-    P = torch.eye(d1, dtype=torch.float64, device=z.device)
-    P[d, :d] = bO
-    LPC = (L @ P @ C).to(dt)
-    LVOC = torch.einsum("ld,hdq,hqk->hlk", L, WV, OC).to(dt)
-    LWK = torch.einsum("ld,hdq->hlq", L, WK).to(dt)
-    LWQ = torch.einsum("ld,hdq->lhq", L, WQ).reshape(L.shape[0], H * dh).to(dt)
-    WQ, WK, WV, OC = WQ.to(dt), WK.to(dt), WV.to(dt), OC.to(dt)
-
-    qpos = [T - 1] if att.last_pos_only else list(range(T))
+    qpos = [T - 1] if mp.last_pos_only else list(range(T))
     Tq = len(qpos)
-    q = torch.einsum("bpd,hdq->bhpq", z[:, qpos], WQ)
-    k = torch.einsum("bpd,hdq->bhpq", z, WK)
-    v = torch.einsum("bpd,hdq->bhpq", z, WV)
+    q = torch.einsum("bpd,hdq->bhpq", z[:, qpos], mp.WQ)
+    k = torch.einsum("bpd,hdq->bhpq", z, mp.WK)
+    v = torch.einsum("bpd,hdq->bhpq", z, mp.WV)
     scale = 1.0 / math.sqrt(dh)
     scores = torch.einsum("bhtq,bhsq->bhts", q, k) * scale
     keys = torch.arange(T, device=z.device)
@@ -220,35 +247,31 @@ def _attention_point(att: Attention, z: Tensor, C: Tensor, L: Tensor) -> tuple[T
     A = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)  # (B, H, Tq, T)
     o = torch.einsum("bhts,bhsq->bhtq", A, v)
     vt = v.unsqueeze(2) - o.unsqueeze(3)  # ṽ: (B, H, Tq, T, dh)
-    u = A.unsqueeze(-1) * torch.einsum("bhtsq,hqk->bhtsk", vt, OC)
-    La = torch.einsum("hlq,bhtq->bhtl", LWK, q) * scale
+    u = A.unsqueeze(-1) * torch.einsum("bhtsq,hqk->bhtsk", vt, mp.OC)
+    La = torch.einsum("hlq,bhtq->bhtl", mp.LWK, q) * scale
     Z = torch.einsum("bhts,bhsq,bhtsr->bhtqr", A, k, vt) * scale
     Zp = Z.permute(1, 3, 0, 2, 4).reshape(H, dh, B * Tq, dh)  # Z[b,h,t,q,r] at [h,q,bt,r]
-    ZOC = torch.matmul(Zp, OC.unsqueeze(1)).reshape(H * dh, B, Tq, -1)
-    return LPC, LWQ, ZOC, A, LVOC, La, u, qpos
+    ZOC = torch.matmul(Zp, mp.OC.unsqueeze(1)).reshape(H * dh, B, Tq, -1)
+    return ZOC, A, La, u, qpos
 
 
-def attention_terms(att: Attention, z: Tensor, C_out: Tensor, points: list[Point],
-                    left: Tensor | None = None) -> AttentionTerms:
+def attention_terms(mp: AttentionMaps, z: Tensor, points: list[Point]) -> AttentionTerms:
     """:class:`AttentionTerms` of Σ_α w_α J(α z) (the whole input scaled, as in eq. 11), in
-    z's dtype. ``left`` (default the identity): C_in⁺ gives the Jacobian with respect to the
-    input features. The constant coordinate is an ordinary input, as in the exact path."""
-    C = _f64(C_out)
-    L = torch.eye(z.shape[-1], dtype=torch.float64, device=z.device) if left is None \
-        else _f64(left)
-    LPC = ZOC = A = None
+    the maps' dtype. The constant coordinate is an ordinary input, as in the exact path."""
+    ZOC = A = None
     Las, us = [], []
     for pt in points:
-        lpc, LWQ, zoc, a, LVOC, la, u, qpos = _attention_point(att, pt.alpha * z, C, L)
+        zoc, a, la, u, qpos = _attention_point(mp, pt.alpha * z)
         if pt.weight != 1.0:
-            lpc, zoc, a, u = lpc * pt.weight, zoc * pt.weight, a * pt.weight, u * pt.weight
-        LPC = lpc if LPC is None else LPC + lpc
+            zoc, a, u = zoc * pt.weight, a * pt.weight, u * pt.weight
         ZOC = zoc if ZOC is None else ZOC + zoc
         A = a if A is None else A + a
         Las.append(la)
         us.append(u)
-    assert LPC is not None and ZOC is not None and A is not None
-    return AttentionTerms(LPC, LWQ, ZOC, A, LVOC, torch.cat(Las, 1), torch.cat(us, 1), qpos)
+    assert ZOC is not None and A is not None
+    LPC = mp.LPC * sum(pt.weight for pt in points)
+    return AttentionTerms(LPC, mp.LWQ, ZOC, A, mp.LVOC, torch.cat(Las, 1), torch.cat(us, 1),
+                          qpos)
 
 
 def attention_bytes_per_sample(att: Attention, T: int, k_left: int, k_out: int) -> int:
@@ -259,7 +282,7 @@ def attention_bytes_per_sample(att: Attention, T: int, k_left: int, k_out: int) 
     return itemsize * Tq * max(max(k_left, H * dh) * k_out, H * T * max(k_out, dh))
 
 
-def m_attention(att: Attention, z: Tensor, C_out: Tensor, points: list[Point]) -> Tensor:
+def m_attention(mp: AttentionMaps, z: Tensor, points: list[Point]) -> Tensor:
     """Σ_{b, t, s} J Jᵀ (d_in, d_in), float64, from :func:`attention_terms`, never forming J.
     With J = Jd δ + V + K (query/residual, value and key parts as in :class:`AttentionTerms`)
     and W = LWQ:
@@ -270,7 +293,10 @@ def m_attention(att: Attention, z: Tensor, C_out: Tensor, points: list[Point]) -
     * Σ Jd (V + K)ᵀ at the own position, and its transpose, from weighted sums of ZOC.
 
     The one large product is Σ ZOC ZOCᵀ: (H·dh)² by B·Tq·k_out."""
-    tm = attention_terms(att, z, C_out, points)
+    if mp.OC.shape[-1] == 0:  # a next layer that kept no feature
+        return torch.zeros(mp.LWQ.shape[0], mp.LWQ.shape[0], dtype=torch.float64,
+                           device=z.device)
+    tm = attention_terms(mp, z, points)
     A, LVOC, La, u, W, LPC = tm.A, tm.LVOC, tm.La, tm.u, tm.LWQ, tm.LPC
     M = torch.zeros(W.shape[0], W.shape[0], dtype=torch.float64, device=z.device)
     # values and keys, every position
@@ -300,16 +326,18 @@ def m_attention(att: Attention, z: Tensor, C_out: Tensor, points: list[Point]) -
     return M
 
 
-def edges_attention(att: Attention, f_hat: Tensor, C_in_pinv: Tensor, C_out: Tensor,
+def edges_attention(mp: AttentionMaps, f_hat: Tensor, C_in_pinv: Tensor,
                     points: list[Point]) -> Tensor:
     """Σ_{b,t} a[b,t,j,i]², a = Σ_s f[b,s,j] Ĵ[b,t,s,j,i]; shape (k_out, k_in), float64.
     ``f_hat``: (B, T, k_in); the Jacobian Ĵ is taken with respect to the features at
-    ``f_hat @ C_in⁺``:
+    ``f_hat @ C_in⁺``, and ``mp`` must be formed with ``left = C_in⁺``:
 
         a = f[b, pos t, j] Jd[j,b,t,i] + Σ_h (Σ_s f_bsj A_h) LVOC_h[j,i]
             + Σ_g La_g[j] (Σ_s f_bsj u_g[i])"""
-    f = f_hat
-    tm = attention_terms(att, f @ C_in_pinv.to(f.dtype), C_out, points, left=C_in_pinv)
+    if mp.OC.shape[-1] == 0:  # a next layer that kept no feature
+        return torch.zeros(0, f_hat.shape[-1], dtype=torch.float64, device=f_hat.device)
+    f = f_hat.to(mp.WQ.dtype)
+    tm = attention_terms(mp, f @ C_in_pinv.to(f.dtype), points)
     a = f[:, tm.qpos].permute(2, 0, 1).unsqueeze(-1) * tm.Jd()  # (j, b, t, i)
     a += torch.einsum("bhtj,hji->jbti", torch.einsum("bsj,bhts->bhtj", f, tm.A), tm.LVOC)
     a += torch.einsum("bgtj,bsj,bgtsi->jbti", tm.La, f, tm.u)

@@ -24,6 +24,7 @@ from ribray.math.closed_form import (
     ActMoments,
     act_moments,
     attention_bytes_per_sample,
+    attention_maps,
     edges_attention,
     edges_closed,
     m_attention,
@@ -93,7 +94,7 @@ def _attention(model: SequentialModel, layer: str, target: str, method: str, T: 
     per_sample = attention_bytes_per_sample(att, T, k_left, k_out)
     if per_sample > ATTENTION_BUDGET:
         return None
-    return att, max(1, ATTENTION_CHUNK // per_sample)
+    return att, max(1, ATTENTION_CHUNK // max(1, per_sample))
 
 
 def _m_closed(model: SequentialModel, inputs: Tensor, layer: str, parts: Parts,
@@ -128,10 +129,11 @@ def m_partial(model: SequentialModel, inputs: Tensor, layer: str, target: str,
     fast = _attention(model, layer, target, method, T, C.shape[0], C.shape[1])
     if fast is not None:
         att, chunk = fast
+        maps = attention_maps(att, C)
         for batch in _batches(inputs, min(batch_size, chunk)):
             with torch.no_grad():
                 x = model.activations(batch, [layer])[layer]
-            part = m_attention(att, x, C, points)
+            part = m_attention(maps, x, points)
             check_finite(part, f"gradients into {layer}")
             total = part if total is None else total + part
             count += x.shape[0] * x.shape[1]
@@ -172,10 +174,11 @@ def edge_partial(model: SequentialModel, inputs: Tensor, layer: str, next_layer:
     fast = _attention(model, layer, next_layer, method, T, Ci.shape[1], Co.shape[1])
     if fast is not None:
         att, chunk = fast
+        maps = attention_maps(att, Co, left=Cip)
         for batch in _batches(inputs, min(batch_size, chunk)):
             with torch.no_grad():
                 f_hat = model.activations(batch, [layer])[layer] @ Ci
-            part = edges_attention(att, f_hat, Cip, Co, points)
+            part = edges_attention(maps, f_hat, Cip, points)
             check_finite(part, f"edges from {next_layer} into {layer}")
             total = part if total is None else total + part
             count += f_hat.shape[0] * f_hat.shape[1]
