@@ -22,7 +22,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-ACTIVATIONS = {"relu": torch.relu, "gelu": nn.functional.gelu, "linear": lambda x: x}
+ACTIVATIONS = {"relu": torch.relu, "gelu": nn.functional.gelu, "linear": lambda x: x,
+               # GPT-2's "gelu_new": 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))
+               "gelu_tanh": lambda x: nn.functional.gelu(x, approximate="tanh")}
 
 
 @dataclass(frozen=True)
