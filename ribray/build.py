@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ribray.checkpoints import load_model
-from ribray.config import DigitsData, JobSpec, ModAddData, NpzData
+from ribray.config import DigitsData, JobSpec, ModAddData, NpzData, TextData
 from ribray.data import Dataset, digits, modular_addition, npz
 from ribray.math.jacobian import integration_points
 from ribray.math.sequential import SequentialModel, to_sequential
@@ -21,17 +21,31 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 def load_sequential(job: JobSpec) -> SequentialModel:
     """The job's model in sequential form (raises CheckpointError with one clear line)."""
     spec = job.model
+    if spec.format == "hf":
+        from ribray.hf import hf_to_sequential, load_hf
+
+        return hf_to_sequential(load_hf(spec.path, DTYPES[spec.dtype], spec.trust_remote_code))
     model, _ = load_model(Path(spec.path), spec.format, DTYPES[spec.dtype],
                           Path(spec.config) if spec.config else None)
     return to_sequential(model, last_pos_only=spec.last_pos_only).eval()
 
 
-def load_data(job: JobSpec) -> Dataset:
-    return load_dataset(job.data)
+def load_data(job: JobSpec, vocab: int | None = None) -> Dataset:
+    """The job's data set; a text data set is tokenised with the model's tokenizer (an hf
+    model's folder or hub name) and checked against the model's vocabulary ``vocab``."""
+    tok = job.model.path if job.model.format == "hf" else None
+    return load_dataset(job.data, tokenizer=tok, vocab=vocab,
+                        trust_remote_code=job.model.trust_remote_code)
 
 
-def load_dataset(d: ModAddData | DigitsData | NpzData) -> Dataset:
-    """The samples a data spec selects (raises ValueError for an unreadable npz file)."""
+def load_dataset(d: ModAddData | DigitsData | NpzData | TextData, tokenizer: str | None = None,
+                 vocab: int | None = None, trust_remote_code: bool = False) -> Dataset:
+    """The samples a data spec selects (raises ValueError for an unreadable npz file or text
+    data that cannot be read or does not fit the model)."""
+    if isinstance(d, TextData):
+        from ribray.text import text_dataset
+
+        return text_dataset(d, tokenizer, trust_remote_code, vocab)
     if isinstance(d, ModAddData):
         ds = modular_addition(d.modulus, d.frac_train, d.seed, d.split)
     elif isinstance(d, DigitsData):
@@ -61,6 +75,22 @@ def basis_settings(job: JobSpec) -> BasisSettings:
 
 
 def fingerprint_file(path: str | Path) -> str:
+    """sha256 of a checkpoint file; of a model folder, over its files' names and contents in
+    name order; a Hugging Face hub name that is not a local path is recorded as ``hf:NAME``
+    (its files live in the hub cache)."""
+    p = Path(path)
+    if p.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(q for q in p.rglob("*") if q.is_file()):
+            h.update(f.relative_to(p).as_posix().encode())
+            h.update(_file_digest(f).encode())
+        return h.hexdigest()
+    if not p.exists() and not str(path).startswith((".", "/", "~")):
+        return f"hf:{path}"
+    return _file_digest(p)
+
+
+def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

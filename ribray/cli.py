@@ -55,9 +55,16 @@ def _load(job_file: Path):
 @app.command()
 def validate(job_file: Annotated[Path, typer.Argument(help="job YAML")]) -> None:
     """Check a job file (fields, checkpoint, node layers, data) without running it."""
+    from ribray.hf import remote_parts
     from ribray.orchestrate import PreflightError, check_job
 
     job = _load(job_file)
+    remote = remote_parts(job)
+    if remote:  # a hub model or data set not on this machine: the fields only, no download
+        out.print(f"{job_file}: ok ({job.basis.kind}, {len(job.basis.node_layers)} node "
+                  f"layers); not checked here, being on the hub and not on this machine: "
+                  f"{', '.join(remote)} (checked when the job runs)")
+        return
     try:
         info = check_job(job)
     except PreflightError as exc:
@@ -303,14 +310,18 @@ def show(
         return
     out.print(f"[bold]{escape(str(store))}[/bold]: job {escape(str(s['name']))}, basis "
               f"{s['basis']}, status {s['status']}")
-    t = Table("node layer", "width", "features", "Λ const", "top Λ (others)", "done")
+    has_var = any(row.get("variance_lambda") is not None for row in s["layers"])
+    cols = ["node layer", "width", "features", "Λ const", *(["Λ ln var"] if has_var else []),
+            "top Λ (others)", "done"]
+    t = Table(*cols)
     for row in s["layers"]:
         lam = ", ".join(f"{v:.3g}" for v in row.get("top_lambdas", [])[:3])
-        const = row.get("const_lambda")
+        const, var = row.get("const_lambda"), row.get("variance_lambda")
         width, feats = row.get("width"), row.get("features")
         t.add_row(escape(row["layer"]), "" if width is None else str(width),
                   "" if feats is None else str(feats),
-                  "" if const is None else f"{const:.3g}", lam,
+                  "" if const is None else f"{const:.3g}",
+                  *([("" if var is None else f"{var:.3g}")] if has_var else []), lam,
                   "yes" if row["complete"] else "no")
     out.print(t)
     if s["edges"]:
@@ -429,13 +440,17 @@ def compare(
 
 @app.command()
 def train(
-    task: Annotated[str, typer.Argument(help="modadd | digits-mlp")],
-    out_path: Annotated[Path, typer.Option("--out", help="checkpoint to write")],
+    task: Annotated[str, typer.Argument(help="modadd | digits-mlp | lm-smoke")],
+    out_path: Annotated[Path, typer.Option("--out", help="checkpoint (lm-smoke: folder) to "
+                                                         "write")],
     seed: Annotated[int, typer.Option(help="initialisation seed")] = 0,
     modulus: Annotated[int, typer.Option(help="modadd: p")] = 113,
     max_epochs: Annotated[int, typer.Option(help="modadd: stop here if not grokked")] = 60000,
+    text: Annotated[str | None, typer.Option(help="lm-smoke: text the tokenizer is fitted "
+                                                  "to")] = None,
 ) -> None:
-    """Train a model of the paper (modular addition until it groks, or an MLP on digits)."""
+    """Train a model of the paper (modular addition until it groks, an MLP on digits), or
+    make the tiny random GPT-2 of the language-model smoke job (lm-smoke)."""
     from ribray.train import train_digits_mlp, train_modadd
 
     if task == "modadd":
@@ -446,8 +461,14 @@ def train(
                         f"{meta['test_acc']:.4%}); checkpoint saved anyway", 1)
     elif task == "digits-mlp":
         train_digits_mlp(out_path, seed=seed, log=lambda s: err.print(s, markup=False))
+    elif task == "lm-smoke":
+        from ribray.train import make_lm_smoke
+
+        meta = make_lm_smoke(out_path, Path(text or "data/lm-smoke.txt"), seed=seed)
+        out.print(f"wrote {out_path}: random GPT-2, {meta['parameters']} parameters, "
+                  f"vocabulary {meta['vocab']}")
     else:
-        raise _fail(f"unknown task {task!r}: choose modadd or digits-mlp")
+        raise _fail(f"unknown task {task!r}: choose modadd, digits-mlp or lm-smoke")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,8 +28,10 @@ class Strict(BaseModel):
 
 
 class ModelSpec(Strict):
-    path: str = Field(description="checkpoint file")
-    format: Literal["ribray", "tlens", "reference-mlp"] = "ribray"
+    path: str = Field(description="checkpoint file; for format hf a model folder or hub name")
+    format: Literal["ribray", "tlens", "reference-mlp", "hf"] = "ribray"
+    trust_remote_code: bool = Field(False, description="hf: let transformers run the model "
+                                                       "repository's own code")
     config: str | None = Field(None, description="config.yaml for tlens/reference-mlp; default: "
                                                  "beside the checkpoint")
     dtype: Literal["float32", "float64"] = "float64"
@@ -62,7 +64,36 @@ class NpzData(Strict):
     n_samples: Annotated[int | None, Field(ge=1)] = None
 
 
-DataSpec = Annotated[ModAddData | DigitsData | NpzData, Field(discriminator="kind")]
+class TextData(Strict):
+    """Text for a language model: a ``datasets`` hub name, or a local text/json/jsonl/parquet
+    file or ``save_to_disk`` folder; tokenised with the model's tokenizer (or read as token
+    ids from ``tokens_column``), documents joined with the end-of-text token and cut into
+    sequences of ``n_ctx`` tokens (docs/jobs.md, *Text data*)."""
+
+    kind: Literal["text"] = "text"
+    path: str = Field(description="hub name, local file or folder")
+    name: str | None = Field(None, description="the data set's configuration name (hub)")
+    split: str = "train"
+    column: str = Field("text", description="the text column")
+    tokens_column: str | None = Field(None, description="a column of token ids instead of "
+                                                        "text (no tokenizer)")
+    tokenizer: str | None = Field(None, description="tokenizer folder or hub name; default: "
+                                                    "the model's")
+    n_ctx: Annotated[int, Field(ge=2, description="tokens per sequence")]
+    documents: Annotated[int | None, Field(ge=1, description="documents read (after "
+                                                             "shuffling); default all")] = None
+    shuffle: bool = Field(False, description="shuffle the documents (seeded) before reading")
+    seed: int = 0
+    n_samples: Annotated[int | None, Field(ge=1, description="sequences for the statistics "
+                                                             "(Gram/PCA); default all")] = None
+    jacobian_samples: Annotated[int | None, Field(ge=1, description=(
+        "the first this many sequences are used for M and the edges; default all"))] = None
+    cache_dir: str | None = Field(None, description="token cache; default "
+                                                    "~/.cache/ribray/tokens")
+
+
+DataSpec = Annotated[ModAddData | DigitsData | NpzData | TextData,
+                     Field(discriminator="kind")]
 
 
 class Integration(Strict):

@@ -40,6 +40,9 @@ HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "ge
 def load_hf(path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained(path)`` in ``dtype``, in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one-line logs; the job has its own progress
 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -216,6 +219,32 @@ def _gpt_neox(model: nn.Module):
              "b_U": getattr(head, "bias", None)}
     pos = torch.zeros(cfg.max_position_embeddings, d, dtype=dtype)
     return TokenEmbed(tr.embed_in.weight, pos), blocks, final
+
+
+def is_local(path: str) -> bool:
+    return Path(path).expanduser().exists() or path.startswith((".", "/", "~"))
+
+
+def cached(name: str) -> bool:
+    """Whether a hub model's config is in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return False
+    hit = try_to_load_from_cache(name, "config.json")
+    return isinstance(hit, str)
+
+
+def remote_parts(job: Any) -> list[str]:
+    """The job's hub model and data set that are not on this machine (``model NAME``,
+    ``data NAME``): checking them would download them."""
+    out = []
+    if job.model.format == "hf" and not is_local(job.model.path) and not cached(job.model.path):
+        out.append(f"model {job.model.path}")
+    path = getattr(job.data, "path", None)
+    if getattr(job.data, "kind", "") == "text" and path and not is_local(path):
+        out.append(f"data {path}")
+    return out
 
 
 def n_ctx(model: nn.Module) -> int:

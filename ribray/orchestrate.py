@@ -119,18 +119,21 @@ class RayBackend:
 
     def __init__(self, workers: list, shards: list[tuple[int, int]], log: Log,
                  cache: StoreWriter | None = None, report: Reporter | None = None,
-                 job_name: str = "", tokens_per_sample: int = 1, keep_after: float = 0.0):
+                 job_name: str = "", tokens_per_sample: int = 1, keep_after: float = 0.0,
+                 jacobian_shards: list[tuple[int, int]] | None = None):
         self.workers, self.shards, self.log, self.cache = workers, shards, log, cache
+        self.jacobian_shards = jacobian_shards if jacobian_shards is not None else shards
         self.report = report or Reporter(log)
         self.job_name, self.tokens_per_sample = job_name, tokens_per_sample
         self.keep_after = keep_after
 
     def _map(self, phase: str, method: str, *args: Any) -> dict[int, Any]:
+        shards = self.shards if method == "gram" else self.jacobian_shards
         refs = [ray.put(a) if isinstance(a, np.ndarray) else a for a in args]
         done: dict[int, Any] = self.cache.load_partials(phase) if self.cache else {}
         if done:
-            self.log(f"  {phase}: {len(done)}/{len(self.shards)} shards kept by an earlier run")
-        todo = [s for s in range(len(self.shards)) if s not in done][::-1]
+            self.log(f"  {phase}: {len(done)}/{len(shards)} shards kept by an earlier run")
+        todo = [s for s in range(len(shards)) if s not in done][::-1]
         in_flight: dict[Any, tuple[int, int]] = {}
         # each worker holds up to DEPTH shards, so the next is queued while the driver keeps
         # the last one's partial (the order of results never matters: sums are by shard id)
@@ -140,7 +143,7 @@ class RayBackend:
         while todo or in_flight:
             while todo and idle:
                 w, s = idle.pop(), todo.pop()
-                ref = getattr(self.workers[w], method).remote(self.shards[s], *refs)
+                ref = getattr(self.workers[w], method).remote(shards[s], *refs)
                 in_flight[ref] = (w, s)
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in ready:
@@ -148,16 +151,16 @@ class RayBackend:
                 idle.append(w)
                 try:
                     done[s] = ray.get(ref)
-                    check_partial(done[s], f"{phase}, shard {s} {self.shards[s]}")
+                    check_partial(done[s], f"{phase}, shard {s} {shards[s]}")
                     unkept.append(s)
-                    samples += self.shards[s][1] - self.shards[s][0]
+                    samples += shards[s][1] - shards[s][0]
                     computed += 1
                 except ray.exceptions.RayTaskError as exc:
                     cause = exc.cause if exc.cause is not None else exc
-                    raise WorkerError(f"{phase}, shard {s} {self.shards[s]}: "
+                    raise WorkerError(f"{phase}, shard {s} {shards[s]}: "
                                       f"{type(cause).__name__}: {cause}") from None
                 except ray.exceptions.RayActorError as exc:
-                    raise WorkerError(f"{phase}, shard {s} {self.shards[s]}: worker died and "
+                    raise WorkerError(f"{phase}, shard {s} {shards[s]}: worker died and "
                                       f"could not be restarted ({type(exc).__name__})") from None
             elapsed = time.perf_counter() - t0
             if self.cache is not None and (todo or in_flight) and elapsed >= self.keep_after:
@@ -165,7 +168,7 @@ class RayBackend:
                     self.cache.save_partial(phase, s, done[s])
                 unkept.clear()
             rate = samples / elapsed if elapsed > 0 else 0.0
-            self.report(Event(self.job_name, phase, len(done), len(self.shards), elapsed, rate,
+            self.report(Event(self.job_name, phase, len(done), len(shards), elapsed, rate,
                               rate * self.tokens_per_sample, computed))
         return done
 
@@ -229,6 +232,13 @@ def placement(spec: RaySpec | Any) -> tuple[int, float]:
     return max(1, int(res.get("CPU", 1) // spec.cpus_per_worker)), gpus
 
 
+def jacobian_samples(job: JobSpec, n_samples: int) -> int:
+    """How many samples (the first ones) M and the edges use: ``data.jacobian_samples`` of a
+    text data set, capped at the data set; every sample otherwise."""
+    n = getattr(job.data, "jacobian_samples", None)
+    return n_samples if n is None else min(n, n_samples)
+
+
 def check_job(job: JobSpec) -> dict[str, Any]:
     """Checkpoint, node layers and data of a job; raises :class:`PreflightError`."""
     try:
@@ -240,9 +250,10 @@ def check_job(job: JobSpec) -> dict[str, Any]:
         model.check_order(layers)
     except (KeyError, ValueError) as exc:
         raise PreflightError("basis.node_layers", exc.args[0]) from None
+    vocab = model.embed.W_E.shape[0] if isinstance(model.embed, TokenEmbed) else None
     try:
-        data = load_data(job)
-    except (OSError, ValueError) as exc:  # an npz file that is missing or malformed
+        data = load_data(job, vocab)
+    except (OSError, ValueError) as exc:  # a missing or malformed file, text that does not fit
         raise PreflightError("data.path", str(exc)) from None
     if len(data) == 0:
         raise PreflightError("data", "the data set selection is empty")
@@ -333,16 +344,21 @@ def _run(job: JobSpec, out: Where, address: str | None, overwrite: bool, dashboa
             raise WorkerError(f"a worker failed to start: {_one_line(exc)}") from None
         t_workers = time.perf_counter()
         shards = shard_ranges(info["n_samples"], job.ray.shard_size)
+        n_jac = jacobian_samples(job, info["n_samples"])
+        jac_shards = shard_ranges(n_jac, job.ray.shard_size)
         log(f"{job.name}: {info['n_samples']} samples in {len(shards)} shards on {n_workers} "
             f"workers ({', '.join(sorted({w['device'] for w in where}))}); node layers "
             f"{', '.join(job.basis.node_layers)}")
+        if n_jac != info["n_samples"]:
+            log(f"  M and edges on the first {n_jac} samples ({len(jac_shards)} shards)")
         for i, w in enumerate(where):
             log(f"  worker {i}: pid {w['pid']} on node {w['node']} ({w['device']}, GPU ids "
                 f"{w['gpus'] or 'none'})")
         writer = StoreWriter(out, {
             "config": job_dict, "config_hash": job.fingerprint(),
             "node_layers": list(job.basis.node_layers), "basis": job.basis.kind,
-            "fingerprints": info["fingerprints"], "n_samples": info["n_samples"]},
+            "fingerprints": info["fingerprints"], "n_samples": info["n_samples"],
+            "n_jacobian_samples": n_jac},
             overwrite=overwrite, lease=lease)
         report = Reporter(log, store_progress=writer.progress, bars=bars,
                           listener=on_progress)
@@ -350,6 +366,7 @@ def _run(job: JobSpec, out: Where, address: str | None, overwrite: bool, dashboa
         try:
             timings = pipeline.run(RayBackend(workers, shards, log, cache=writer, report=report,
                                               keep_after=job.ray.keep_partials_after_s,
+                                              jacobian_shards=jac_shards,
                                               job_name=job.name, tokens_per_sample=tokens),
                                    list(job.basis.node_layers), info["widths"],
                                    basis_settings(job), writer, log)

@@ -129,7 +129,8 @@ def _final_basis(final: str, widths: dict[str, int], stats: dict, settings: Basi
     if const is None:
         return bases.rotated_output_basis(cov)
     return bases.pca_basis(bases.pca(cov, mean, const, settings.threshold,
-                                     settings.threshold_mode))
+                                     settings.threshold_mode,
+                                     var=SequentialModel.variance_index(final, widths[final])))
 
 
 def _layer_basis(backend: Backend, layer: str, nxt: str, final: str, widths: dict[str, int],
@@ -140,7 +141,8 @@ def _layer_basis(backend: Backend, layer: str, nxt: str, final: str, widths: dic
     if settings.kind == "neuron":
         return bases.unrotated_basis(cov, const)
     assert const is not None, "only the final node layer may be `output`"
-    p = bases.pca(cov, mean, const, settings.threshold, settings.threshold_mode)
+    p = bases.pca(cov, mean, const, settings.threshold, settings.threshold_mode,
+                  var=SequentialModel.variance_index(layer, widths[layer]))
     if settings.kind == "pca":
         return bases.pca_basis(p)
     target = nxt if settings.kind == "lib" else final

@@ -8,7 +8,8 @@ Layout (docs/zarr-layout.md is the reference)::
     layers/{node_layer}/    mean (raw), gram (raw, raw_T), C (raw, feature),
                             C_pinv (feature, raw), lambdas (feature)
                             [lib/gib] M (pca, pca_T), pca_eigenvalues (pca)
-                            attrs: width, const_raw_index, const_feature, n_features,
+                            attrs: width, const_raw_index, const_feature,
+                                   variance_raw_index, variance_feature, n_features,
                                    n_rows, complete
     edges/{in}--{out}/      E (out_feature, in_feature); attrs: in_layer, out_layer, complete
 
@@ -69,7 +70,7 @@ def open_group(where: Where, mode: str) -> zarr.Group:
     return zarr.open_group(loc.zarr_store(read_only=mode == "r"), mode=mode)
 
 
-RESULT_IRRELEVANT = {"out": None, "runtime_env": None,
+RESULT_IRRELEVANT = {"out": None, "runtime_env": None, "data": ("cache_dir",),
                      "ray": ("num_workers", "autoscaling", "keep_partials_after_s")}
 
 
@@ -280,6 +281,8 @@ class StoreWriter:
         self._array(g, "gram", gram, ["raw", "raw_T"])
         g.attrs.update({"width": int(mean.shape[0]), "n_rows": int(count),
                         "const_raw_index": SequentialModel.const_index(layer, mean.shape[0]),
+                        "variance_raw_index": SequentialModel.variance_index(layer,
+                                                                            mean.shape[0]),
                         "complete": False})
 
     def basis(self, layer: str, b: Basis) -> None:
@@ -291,7 +294,7 @@ class StoreWriter:
             self._array(g, "M", b.extra["M"], ["pca", "pca_T"])
             self._array(g, "pca_eigenvalues", b.extra["pca_eigenvalues"], ["pca"])
         g.attrs.update({"n_features": b.n_features, "const_feature": b.const_feature,
-                        "complete": True})
+                        "variance_feature": b.variance_feature, "complete": True})
 
     def edges(self, layer: str, next_layer: str, E: np.ndarray) -> None:
         g = self.root.require_group(edge_group(layer, next_layer))
@@ -365,7 +368,8 @@ class StoreWriter:
                   "pca_eigenvalues": np.asarray(g["pca_eigenvalues"][...])} if "M" in g else {})
         return Basis(C=np.asarray(g["C"][...]), C_pinv=np.asarray(g["C_pinv"][...]),
                      lambdas=np.asarray(g["lambdas"][...]),
-                     const_feature=g.attrs.get("const_feature"), extra=extra)
+                     const_feature=g.attrs.get("const_feature"), extra=extra,
+                     variance_feature=g.attrs.get("variance_feature"))
 
     def stored_edges(self, layer: str, next_layer: str) -> bool:
         key = edge_group(layer, next_layer)
@@ -434,11 +438,13 @@ def summary(root: zarr.Group) -> dict[str, Any]:
             continue
         g = root[key]
         lam = np.asarray(g["lambdas"][...]) if "lambdas" in g else np.array([])
-        const = g.attrs.get("const_feature")
-        rest = np.sort(np.delete(lam, const) if const is not None else lam)[::-1]
+        const, var = g.attrs.get("const_feature"), g.attrs.get("variance_feature")
+        fixed = [i for i in (const, var) if i is not None and i < lam.size]
+        rest = np.sort(np.delete(lam, fixed))[::-1]
         layers.append({"layer": name, "width": g.attrs.get("width"),
                        "features": g.attrs.get("n_features"),
-                       "const_lambda": float(lam[const]) if const is not None else None,
+                       "const_lambda": float(lam[const]) if const in fixed else None,
+                       "variance_lambda": float(lam[var]) if var in fixed else None,
                        "top_lambdas": [float(v) for v in rest[:4]],
                        "complete": bool(g.attrs.get("complete", False))})
     edges = []

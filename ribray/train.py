@@ -87,3 +87,27 @@ def train_digits_mlp(out: Path, hidden: tuple[int, ...] = (64, 64), act_fn: str 
     save_mlp(out, model, meta)
     log(f"saved {out}: train acc {train_acc:.4%}, test acc {test_acc:.4%}")
     return meta
+
+
+def make_lm_smoke(out: Path, text: Path, seed: int = 0, n_embd: int = 32, n_layer: int = 2,
+                  n_head: int = 4, n_positions: int = 64) -> dict:
+    """A tiny random GPT-2 and a word-level tokenizer fitted to ``text`` (one document per
+    line), saved with ``save_pretrained`` into the folder ``out``: the model of
+    ``jobs/lm-smoke.yaml``. Untrained: the smoke job checks the pipeline, not the features."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    eos = "<|endoftext|>"
+    tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train([str(text)], trainers.WordLevelTrainer(special_tokens=[eos, "<unk>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=eos, unk_token="<unk>")
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=n_embd,
+                     n_layer=n_layer, n_head=n_head, bos_token_id=tok.eos_token_id,
+                     eos_token_id=tok.eos_token_id)
+    model = GPT2LMHeadModel(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return {"vocab": len(tok), "parameters": sum(p.numel() for p in model.parameters())}

@@ -41,6 +41,7 @@ class Basis:
     lambdas: np.ndarray
     const_feature: int | None
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    variance_feature: int | None = None  # the layer-norm variance feature, kept isolated
 
     @property
     def n_features(self) -> int:
@@ -101,10 +102,11 @@ def centring(mean: np.ndarray, const: int) -> tuple[np.ndarray, np.ndarray]:
 class Pca:
     """Truncated PCA of a node layer with the constant direction first (see module docstring)."""
 
-    U: np.ndarray  # (raw, kept), column 0 = e_const
+    U: np.ndarray  # (raw, kept), column 0 = e_const, then e_var when kept
     D: np.ndarray  # (kept,), D[0] = 1
     Y: np.ndarray
     Y_inv: np.ndarray
+    n_fixed: int = 1  # leading directions never rotated: the constant, the variance
 
     @property
     def W(self) -> np.ndarray:
@@ -119,26 +121,39 @@ class Pca:
         return (np.sqrt(self.D)[:, None] * self.U.T) @ self.Y_inv
 
 
-def pca(cov: np.ndarray, mean: np.ndarray, const: int, threshold: float, mode: str) -> Pca:
-    """PCA of a node layer with a constant coordinate at raw index ``const``.
+def pca(cov: np.ndarray, mean: np.ndarray, const: int, threshold: float, mode: str,
+        var: int | None = None) -> Pca:
+    """PCA of a node layer with a constant coordinate at raw index ``const`` and, for the
+    output half of a layer norm, its variance coordinate at ``var``.
 
     The centred Gram is block diagonal (covariance, and 1 for the constant), so the constant
     eigenvector is exactly e_const with eigenvalue 1; the covariance block is decomposed alone.
+    The variance coordinate is kept isolated (issue: excluded from the rotations): e_var with
+    eigenvalue its own variance, second, unless that is under the cutoff; its covariance with
+    the other coordinates is left out of the decomposition.
     """
     d = cov.shape[0]
-    rest = np.array([i for i in range(d) if i != const])
+    iso = [var] if var is not None else []
+    rest = np.array([i for i in range(d) if i != const and i not in iso])
     vals, vecs = eigh_descending(cov[np.ix_(rest, rest)])
-    keep = vals > cutoff(vals, threshold, mode)
-    U = np.zeros((d, 1 + int(keep.sum())))
+    cut = cutoff(vals, threshold, mode)
+    keep = vals > cut
+    iso = [i for i in iso if cov[i, i] > cut]
+    fixed = 1 + len(iso)
+    U = np.zeros((d, fixed + int(keep.sum())))
     U[const, 0] = 1.0
-    U[rest, 1:] = vecs[:, keep]
+    for j, i in enumerate(iso):
+        U[i, 1 + j] = 1.0
+    U[rest, fixed:] = vecs[:, keep]
     Y, Y_inv = centring(mean, const)
-    return Pca(U=U, D=np.concatenate([[1.0], vals[keep]]), Y=Y, Y_inv=Y_inv)
+    D = np.concatenate([[1.0], [cov[i, i] for i in iso], vals[keep]])
+    return Pca(U=U, D=D, Y=Y, Y_inv=Y_inv, n_fixed=fixed)
 
 
 def pca_basis(p: Pca) -> Basis:
     """The ``pca`` basis: C = W = Y U (centred, rotated, not whitened); Λ = PCA eigenvalues."""
-    return Basis(C=p.W, C_pinv=p.U.T @ p.Y_inv, lambdas=p.D.copy(), const_feature=0)
+    return Basis(C=p.W, C_pinv=p.U.T @ p.Y_inv, lambdas=p.D.copy(), const_feature=0,
+                 variance_feature=1 if p.n_fixed > 1 else None)
 
 
 def lib_basis(p: Pca, M_raw: np.ndarray, threshold: float, mode: str) -> Basis:
@@ -146,20 +161,22 @@ def lib_basis(p: Pca, M_raw: np.ndarray, threshold: float, mode: str) -> Basis:
     R, R_pinv = p.R, p.R_pinv
     M = R_pinv @ M_raw @ R_pinv.T  # whitened coordinates, (kept, kept)
     M = (M + M.T) / 2
-    vals, vecs = eigh_descending(M[1:, 1:])
-    lam_all = np.concatenate([[abs(M[0, 0])], vals])
+    f = p.n_fixed  # the constant (and the variance) are masked off and kept in place
+    vals, vecs = eigh_descending(M[f:, f:])
+    lam_all = np.concatenate([np.abs(np.diag(M)[:f]), vals])
     cut = cutoff(vals, threshold, mode)
-    keep = np.concatenate([[lam_all[0] > cut], vals > cut])
+    keep = np.concatenate([lam_all[:f] > cut, vals > cut])
     k = p.D.shape[0]
     V = np.zeros((k, k))
-    V[0, 0] = 1.0
-    V[1:, 1:] = vecs
+    V[:f, :f] = np.eye(f)
+    V[f:, f:] = vecs
     V, lam = V[:, keep], lam_all[keep]
     sqrt_lam = np.sqrt(lam)
     C = R @ V * sqrt_lam
     C_pinv = (V.T / sqrt_lam[:, None]) @ R_pinv
+    var = int(keep[0]) if f > 1 and keep[1] else None  # its index among the kept features
     return Basis(C=C, C_pinv=C_pinv, lambdas=lam, const_feature=0 if keep[0] else None,
-                 extra={"M": M, "pca_eigenvalues": p.D.copy()})
+                 extra={"M": M, "pca_eigenvalues": p.D.copy()}, variance_feature=var)
 
 
 def unrotated_basis(cov: np.ndarray, const: int | None) -> Basis:

@@ -29,14 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from ribray.math.models import ACTIVATIONS
-from ribray.math.sequential import Parts, Step
+from ribray.math.sequential import Parts, SequentialModel, Step
 
-LN_OUT_LAYERS = ("ln1_out", "ln2_out", "ln_final_out")
-
-
-def variance_index(name: str, width: int) -> int | None:
-    """Raw index of the layer-norm variance feature of a node layer, or None."""
-    return width - 2 if name.split(".")[0] in LN_OUT_LAYERS else None
+variance_index = SequentialModel.variance_index
 
 
 def _frozen(t: Tensor) -> nn.Parameter:

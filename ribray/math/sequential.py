@@ -44,6 +44,10 @@ def append_const(x: Tensor) -> Tensor:
     return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
 
 
+#: node layers holding a layer norm's variance as a feature (see ribray.math.lm)
+LN_OUT_LAYERS = ("ln1_out", "ln2_out", "ln_final_out")
+
+
 class Parts(NamedTuple):
     """A per-position map ``y = x P + act(x A) B`` with ``act`` elementwise (row vectors,
     constants folded): P (d_in, d_out); A (d_in, m) and B (m, d_out), both None when the map is
@@ -252,6 +256,12 @@ class SequentialModel(nn.Module):
         except ValueError:
             raise KeyError(f"node layer {name!r} does not exist; this model has "
                            f"{', '.join(self.names)}") from None
+
+    @staticmethod
+    def variance_index(name: str, width: int) -> int | None:
+        """Raw index of a layer norm's variance feature (the ``*_out`` layers of
+        :mod:`ribray.math.lm`: second to last), or None."""
+        return width - 2 if name.split(".")[0] in LN_OUT_LAYERS else None
 
     @staticmethod
     def const_index(name: str, width: int) -> int | None:

@@ -1,0 +1,148 @@
+"""Language-model jobs end to end: the smoke job (jobs/lm-smoke.yaml, a tiny random GPT-2 in
+checkpoints/ and a local text file) on a real local Ray instance, text data selection and its
+cache, and bad input with one line each. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from conftest import ROOT
+from ribray.cli import app
+from ribray.config import TextData, load_job
+from ribray.orchestrate import run_job
+from ribray.store import open_store
+from ribray.text import TextDataError, text_dataset
+
+runner = CliRunner()
+SMOKE = ROOT / "jobs" / "lm-smoke.yaml"
+MODEL = ROOT / "checkpoints" / "lm-smoke"
+TEXT = ROOT / "data" / "lm-smoke.txt"
+
+
+def _job(tmp_path, **data) -> object:
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec["model"]["path"] = str(MODEL)
+    spec["data"].update({"path": str(TEXT), "cache_dir": str(tmp_path / "cache"), **data})
+    spec["out"] = str(tmp_path / "store.zarr")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_the_smoke_job_writes_a_complete_store(ray_local, tmp_path):
+    job = load_job(_job(tmp_path))
+    run_job(job, tmp_path / "store.zarr", dashboard=False, log=lambda s: None)
+    root = open_store(tmp_path / "store.zarr")
+    assert root.attrs["status"] == "complete"
+    assert root.attrs["n_samples"] == 96 and root.attrs["n_jacobian_samples"] == 24
+    for name in job.basis.node_layers[:-1]:
+        g = root[f"layers/{name}"]
+        w, var = g.attrs["width"], g.attrs["variance_raw_index"]
+        assert g.attrs["complete"] and g.attrs["const_raw_index"] == w - 1
+        if name.split(".")[0] in ("ln1_out", "ln2_out"):
+            # the variance is its own feature, never rotated into the others: its column of C
+            # touches only the variance coordinate (and the constant, which centres it)
+            assert var == w - 2 and g.attrs["variance_feature"] == 1
+            C = np.asarray(g["C"][...])
+            others = np.delete(np.arange(w), [var, w - 1])
+            assert np.abs(C[others, 1]).max() == 0.0 and C[var, 1] != 0.0
+            assert np.abs(C[var, 2:]).max() == 0.0
+        else:
+            assert var is None and g.attrs.get("variance_feature") is None
+    for a, b in zip(job.basis.node_layers[:-1], job.basis.node_layers[1:]):
+        E = np.asarray(root[f"edges/{a}--{b}/E"][...])
+        assert np.isfinite(E).all() and E.sum() > 0
+
+
+def test_text_selection_packing_and_cache(tmp_path):
+    """Sequences are the joined token stream cut every n_ctx tokens; each label is the next
+    token of the stream; a second read comes from the cache; pre-tokenised input works."""
+    from transformers import AutoTokenizer
+
+    spec = TextData(path=str(TEXT), n_ctx=8, documents=5, cache_dir=str(tmp_path / "c"))
+    ds = text_dataset(spec, str(MODEL))
+    tok = AutoTokenizer.from_pretrained(str(MODEL))
+    stream = []
+    for line in TEXT.read_text().splitlines()[:5]:
+        stream += tok(line)["input_ids"] + [tok.eos_token_id]
+    n = len(stream) // 8
+    assert ds.inputs.shape == (n, 8)
+    assert ds.inputs.flatten().tolist() == stream[: n * 8]
+    assert ds.labels.tolist() == [stream[(i + 1) * 8] if (i + 1) * 8 < len(stream)
+                                  else tok.eos_token_id for i in range(n)]
+    cached = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert len(cached) == 2 and all(p.endswith(".npy") for p in cached)
+    again = text_dataset(spec, str(MODEL))
+    assert torch.equal(again.inputs, ds.inputs)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == cached
+    rows = [{"ids": tok(line)["input_ids"]} for line in TEXT.read_text().splitlines()[:5]]
+    (tmp_path / "tok.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pre = text_dataset(TextData(path=str(tmp_path / "tok.jsonl"), tokens_column="ids", n_ctx=8,
+                                cache_dir=str(tmp_path / "c2")), None)
+    joined = [t for r in rows for t in r["ids"]]  # no tokenizer: no end-of-text token
+    assert pre.inputs.flatten().tolist() == joined[: len(joined) // 8 * 8]
+    with pytest.raises(TextDataError, match="asked for"):
+        text_dataset(spec.model_copy(update={"n_samples": 10_000}), str(MODEL))
+
+
+def _one_line(res, *needles) -> None:
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_bad_language_model_input_is_one_line(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+    # a context longer than the model's (64 positions)
+    _one_line(runner.invoke(app, ["validate", str(_job(tmp_path, n_ctx=128, n_samples=2))]),
+              "field data", "exceed the model's n_ctx 64")
+    # too few tokens for the sequences asked for
+    _one_line(runner.invoke(app, ["validate", str(_job(tmp_path, n_samples=100_000))]),
+              "data.path", "asked for (data.n_samples)")
+    # a tokenizer with more tokens than the model's vocabulary
+    small = tmp_path / "small-gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=20, n_positions=64, n_embd=16, n_layer=2, n_head=2,
+                               bos_token_id=0, eos_token_id=0)).save_pretrained(small)
+    job = _job(tmp_path, tokenizer=str(MODEL))
+    spec = yaml.safe_load(job.read_text())
+    spec["model"]["path"] = str(small)
+    job.write_text(yaml.safe_dump(spec))
+    _one_line(runner.invoke(app, ["validate", str(job)]), "data.path", "has 53 tokens",
+              "vocabulary 20")
+    # an architecture that is not a GPT-2, GPT-Neo or GPT-NeoX
+    BertForMaskedLM(BertConfig(vocab_size=30, hidden_size=12, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=20)
+                    ).save_pretrained(tmp_path / "bert")
+    spec["model"]["path"] = str(tmp_path / "bert")
+    job.write_text(yaml.safe_dump(spec))
+    _one_line(runner.invoke(app, ["validate", str(job)]), "model.path",
+              "architecture 'bert' is not supported")
+    # a node layer the model does not have
+    spec["model"]["path"] = str(MODEL)
+    spec["basis"]["node_layers"] = ["ln1.0", "ln1_out.7", "output"]
+    job.write_text(yaml.safe_dump(spec))
+    _one_line(runner.invoke(app, ["validate", str(job)]), "basis.node_layers", "ln1_out.7")
+    # and nothing was written
+    assert not (tmp_path / "store.zarr").exists()
+
+
+def test_the_paper_jobs_validate_offline():
+    """gpt2.yaml and tinystories.yaml name hub models and data: validate checks their fields
+    (and node layers' names against nothing: they are checked when the job runs) without a
+    download, and says so."""
+    for name, n_layers in (("gpt2", 74), ("tinystories", 50)):
+        res = runner.invoke(app, ["validate", str(ROOT / "jobs" / f"{name}.yaml")])
+        assert res.exit_code == 0, res.output
+        text = " ".join(res.output.split())
+        assert f"ok (lib, {n_layers} node layers)" in text and "checked when the job runs" in text
+        job = load_job(ROOT / "jobs" / f"{name}.yaml")
+        assert job.model.format == "hf" and not job.model.trust_remote_code
+        assert job.data.jacobian_samples == 500
