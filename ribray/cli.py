@@ -324,6 +324,16 @@ def show(
                   *([("" if var is None else f"{var:.3g}")] if has_var else []), lam,
                   "yes" if row["complete"] else "no")
     out.print(t)
+    stable = [(r["layer"], r["stability"]) for r in s["layers"] if r.get("stability")]
+    if stable:
+        ts = Table("layer", "shards", "top Λ jackknife s.e. (relative)", "principal angle, "
+                   "max / median (°)", title="Is the data enough? (leave one shard out)")
+        for name, st in stable:
+            rel = ", ".join(f"{v:.1%}" for v in st["top_lambda_rel_se"][:3])
+            ts.add_row(escape(name), str(st["n_shards"]), rel,
+                       f"{st['max_principal_angle_deg']:.1f} / "
+                       f"{st['median_principal_angle_deg']:.1f}")
+        out.print(ts)
     if s["edges"]:
         te = Table("edges", "shape", "ΣE", "max E")
         for e in s["edges"]:

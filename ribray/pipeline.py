@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -18,6 +18,7 @@ import numpy as np
 from ribray.math import basis as bases
 from ribray.math.accumulators import Moments, Sum, reduce_in_order
 from ribray.math.sequential import SequentialModel
+from ribray.math.stability import jackknife
 
 
 class Backend(Protocol):
@@ -146,8 +147,12 @@ def _layer_basis(backend: Backend, layer: str, nxt: str, final: str, widths: dic
     if settings.kind == "pca":
         return bases.pca_basis(p)
     target = nxt if settings.kind == "lib" else final
-    M = reduce_in_order(backend.m(layer, target, done[target].C)).mean()
-    return bases.lib_basis(p, M, settings.threshold, settings.threshold_mode)
+    partials = backend.m(layer, target, done[target].C)
+    M = reduce_in_order(partials).mean()
+    b = bases.lib_basis(p, M, settings.threshold, settings.threshold_mode)
+    fixed = sum(i is not None for i in (b.const_feature, b.variance_feature))
+    stab = jackknife(p, partials, b.n_features - fixed)
+    return replace(b, stability=stab.as_attrs() if stab is not None else None)
 
 
 class MemorySink:

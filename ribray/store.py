@@ -293,6 +293,8 @@ class StoreWriter:
         if "M" in b.extra:
             self._array(g, "M", b.extra["M"], ["pca", "pca_T"])
             self._array(g, "pca_eigenvalues", b.extra["pca_eigenvalues"], ["pca"])
+        if b.stability is not None:
+            g.attrs["stability"] = b.stability
         g.attrs.update({"n_features": b.n_features, "const_feature": b.const_feature,
                         "variance_feature": b.variance_feature, "complete": True})
 
@@ -369,7 +371,8 @@ class StoreWriter:
         return Basis(C=np.asarray(g["C"][...]), C_pinv=np.asarray(g["C_pinv"][...]),
                      lambdas=np.asarray(g["lambdas"][...]),
                      const_feature=g.attrs.get("const_feature"), extra=extra,
-                     variance_feature=g.attrs.get("variance_feature"))
+                     variance_feature=g.attrs.get("variance_feature"),
+                     stability=g.attrs.get("stability"))
 
     def stored_edges(self, layer: str, next_layer: str) -> bool:
         key = edge_group(layer, next_layer)
@@ -446,6 +449,7 @@ def summary(root: zarr.Group) -> dict[str, Any]:
                        "const_lambda": float(lam[const]) if const in fixed else None,
                        "variance_lambda": float(lam[var]) if var in fixed else None,
                        "top_lambdas": [float(v) for v in rest[:4]],
+                       "stability": g.attrs.get("stability"),
                        "complete": bool(g.attrs.get("complete", False))})
     edges = []
     names = attrs.get("node_layers", [])

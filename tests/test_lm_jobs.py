@@ -55,9 +55,16 @@ def test_the_smoke_job_writes_a_complete_store(ray_local, tmp_path):
             assert np.abs(C[var, 2:]).max() == 0.0
         else:
             assert var is None and g.attrs.get("variance_feature") is None
+        # is the data enough: the M phase's two shards (24 sequences of 12) left out in turn
+        st = g.attrs["stability"]
+        assert st["n_shards"] == 2 and 0 <= st["max_principal_angle_deg"] <= 90
+        assert all(v >= 0 for v in st["top_lambda_rel_se"])
     for a, b in zip(job.basis.node_layers[:-1], job.basis.node_layers[1:]):
         E = np.asarray(root[f"edges/{a}--{b}/E"][...])
         assert np.isfinite(E).all() and E.sum() > 0
+    shown = runner.invoke(app, ["show", str(tmp_path / "store.zarr")])
+    assert shown.exit_code == 0 and "Is the data enough?" in shown.output
+    assert "Λ ln var" in shown.output
 
 
 def test_text_selection_packing_and_cache(tmp_path):

@@ -42,6 +42,7 @@ class Basis:
     const_feature: int | None
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     variance_feature: int | None = None  # the layer-norm variance feature, kept isolated
+    stability: dict | None = None  # leave-one-shard-out spread (ribray.math.stability)
 
     @property
     def n_features(self) -> int:
