@@ -11,6 +11,7 @@ from ribray.checkpoints import load_model
 from ribray.config import DigitsData, JobSpec, ModAddData, NpzData, TextData
 from ribray.data import Dataset, digits, modular_addition, npz
 from ribray.math.jacobian import integration_points
+from ribray.math.lib import Sources
 from ribray.math.sequential import SequentialModel, to_sequential
 from ribray.pipeline import BasisSettings
 from ribray.shards import ComputeSettings
@@ -64,7 +65,9 @@ def compute_settings(job: JobSpec) -> ComputeSettings:
     return ComputeSettings(batch_size=job.ray.batch_size,
                            basis_points=integration_points(bi.rule, bi.n),
                            edge_points=integration_points(ei.rule, ei.n),
-                           jacobians=job.jacobians)
+                           jacobians=job.jacobians,
+                           sources=(Sources(job.sources.r, job.sources.seed)
+                                    if job.sources is not None else None))
 
 
 def basis_settings(job: JobSpec) -> BasisSettings:

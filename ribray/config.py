@@ -130,6 +130,13 @@ class EdgesSpec(Strict):
     integration: Integration = Integration()
 
 
+class SourcesSpec(Strict):
+    """Stochastic sources over output positions (paper appendix C, eqs. 23-25)."""
+
+    r: Annotated[int, Field(ge=1, description="draws per sample (the paper's R)")] = 1
+    seed: int = Field(0, description="with each sample's index, seeds its draws")
+
+
 class RaySpec(Strict):
     num_workers: Annotated[int | None, Field(ge=1, description="default: cluster GPUs / "
                                                                "gpus_per_worker, else cluster "
@@ -189,6 +196,9 @@ class JobSpec(Strict):
     edges: EdgesSpec = EdgesSpec()
     ray: RaySpec = RaySpec()
     runtime_env: RuntimeEnvSpec = RuntimeEnvSpec()
+    sources: SourcesSpec | None = Field(None, description=(
+        "stochastic ±1 sources over output positions for M and the edges; null: exact sums "
+        "over every output position"))
     jacobians: Literal["auto", "exact"] = Field("auto", description=(
         "auto: closed forms for sections whose only nonlinearity is elementwise and the "
         "by-parts attention Jacobian where it fits in memory, the per-feature autograd path "

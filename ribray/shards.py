@@ -13,7 +13,7 @@ import torch
 
 from ribray.math.accumulators import Moments, Sum
 from ribray.math.jacobian import Point
-from ribray.math.lib import edge_partial, gram_partial, m_partial
+from ribray.math.lib import Sources, edge_partial, gram_partial, m_partial
 from ribray.math.sequential import SequentialModel
 
 
@@ -23,6 +23,7 @@ class ComputeSettings:
     basis_points: list[Point]
     edge_points: list[Point]
     jacobians: str = "auto"  # "auto": closed forms where they apply; "exact": per feature
+    sources: Sources | None = None  # stochastic sources over output positions (R, seed)
 
 
 class ShardComputer:
@@ -40,13 +41,14 @@ class ShardComputer:
     def m(self, shard: tuple[int, int], layer: str, target: str, C_target: np.ndarray) -> Sum:
         s = self.settings
         return m_partial(self.model, self._x(shard), layer, target, C_target, s.basis_points,
-                         s.batch_size, method=s.jacobians)
+                         s.batch_size, method=s.jacobians, sources=s.sources, offset=shard[0])
 
     def edges(self, shard: tuple[int, int], layer: str, next_layer: str, C_in: np.ndarray,
               C_in_pinv: np.ndarray, C_out: np.ndarray) -> Sum:
         s = self.settings
         return edge_partial(self.model, self._x(shard), layer, next_layer, C_in, C_in_pinv,
-                            C_out, s.edge_points, s.batch_size, method=s.jacobians)
+                            C_out, s.edge_points, s.batch_size, method=s.jacobians,
+                            sources=s.sources, offset=shard[0])
 
 
 class SerialBackend:

@@ -59,9 +59,26 @@ def integration_points(rule: str, n: int) -> list[Point]:
     raise ValueError(f"unknown integration rule {rule!r}")
 
 
-def integrated_jacobian(fn: Callable[[Tensor], Tensor], x: Tensor, points: list[Point]
-                        ) -> Tensor:
+def source_signs(seed: int, indices: Tensor, r: int, t_out: int) -> Tensor:
+    """Stochastic sources (paper appendix C): ±1 of shape (len(indices), r, t_out), each
+    sample's drawn from its own generator seeded by (``seed``, the sample's index in the whole
+    data set), so they do not depend on how samples are sharded or batched."""
+    out = torch.empty(len(indices), r, t_out)
+    for n, i in enumerate(indices.tolist()):
+        g = torch.Generator().manual_seed((int(seed) * 0x9E3779B1 + int(i)) % (1 << 63))
+        out[n] = torch.randint(0, 2, (r, t_out), generator=g) * 2.0 - 1.0
+    return out
+
+
+def integrated_jacobian(fn: Callable[[Tensor], Tensor], x: Tensor, points: list[Point],
+                        signs: Tensor | None = None) -> Tensor:
     """J of shape (T_out, k_out, batch, T_in, d_in), summed over the integration points.
+
+    With stochastic ``signs`` (batch, R, T_out) the output positions are summed against
+    them instead of kept apart (paper eqs. 23-25): the result has shape (R, k_out, batch,
+    T_in, d_in), ``J[r, i] = Σ_t φ[b, r, t] ∂F[b, t, i]/∂x``, R·k_out backward passes instead
+    of T_out·k_out. Since E[φ_t φ_t'] = δ_tt', sums of products of J over r, divided by R,
+    are unbiased for the exact sums over t.
 
     ``fn`` must treat samples independently (no mixing across the batch axis); then one
     backward pass of ``Σ_b F[b, t, i]`` gives J[t, i] for the whole batch at once. On the CPU
@@ -75,7 +92,16 @@ def integrated_jacobian(fn: Callable[[Tensor], Tensor], x: Tensor, points: list[
             out = fn(xa)
             _, T_out, k_out = out.shape
             if jac is None:
-                jac = torch.zeros((T_out, k_out, *x.shape), dtype=out.dtype, device=out.device)
+                lead = T_out if signs is None else signs.shape[1]
+                jac = torch.zeros((lead, k_out, *x.shape), dtype=out.dtype, device=out.device)
+            if signs is not None:
+                phi = signs.to(device=out.device, dtype=out.dtype)
+                for r in range(phi.shape[1]):
+                    mixed = torch.einsum("bti,bt->bi", out, phi[:, r])
+                    for i in range(k_out):
+                        (g,) = torch.autograd.grad(mixed[:, i].sum(), xa, retain_graph=True)
+                        jac[r, i].add_(g, alpha=pt.weight)
+                continue
             for t in range(T_out):
                 for i in range(k_out):
                     (g,) = torch.autograd.grad(out[:, t, i].sum(), xa, retain_graph=True)

@@ -15,6 +15,8 @@ sums (:mod:`ribray.math.accumulators`) to be merged across shards in shard order
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -30,7 +32,7 @@ from ribray.math.closed_form import (
     m_attention,
     m_from_moments,
 )
-from ribray.math.jacobian import Point, edge_sum, integrated_jacobian, m_sum
+from ribray.math.jacobian import Point, edge_sum, integrated_jacobian, m_sum, source_signs
 from ribray.math.sequential import Attention, Parts, SequentialModel
 
 
@@ -65,6 +67,21 @@ def _as_tensor(a: np.ndarray, model: SequentialModel) -> Tensor:
 
 
 METHODS = ("auto", "exact")
+
+
+class Sources(NamedTuple):
+    """Stochastic sources over output positions (paper appendix C): R draws, seed."""
+
+    r: int
+    seed: int
+
+
+def _signs(sources: Sources | None, start: int, n: int, t_out: int) -> Tensor | None:
+    """The ±1 sources of samples start..start+n, or None (exact) without sources or with a
+    single output position (where they change nothing: φ² = 1)."""
+    if sources is None or t_out == 1:
+        return None
+    return source_signs(sources.seed, torch.arange(start, start + n), sources.r, t_out)
 
 
 #: the most memory one sample's attention terms may take for the by-parts path (bytes)
@@ -115,11 +132,16 @@ def _m_closed(model: SequentialModel, inputs: Tensor, layer: str, parts: Parts,
 
 def m_partial(model: SequentialModel, inputs: Tensor, layer: str, target: str,
               C_target: np.ndarray, points: list[Point], batch_size: int,
-              method: str = "auto") -> Sum:
+              method: str = "auto", sources: Sources | None = None, offset: int = 0) -> Sum:
     """Σ over the batch of the raw Jacobian-Gram of ``layer`` with respect to ``target``'s
     features; count = samples × input positions. ``method``: ``auto`` uses the closed form
     of :mod:`ribray.math.closed_form` where the section allows it, ``exact`` always the
-    per-feature autograd path (the reference every fast path is tested against)."""
+    per-feature autograd path (the reference every fast path is tested against).
+
+    ``sources`` (R, seed): stochastic ±1 sources over output positions (paper eq. 25) where
+    the Jacobian mixes positions; ``offset`` is the data-set index of ``inputs[0]``, so each
+    sample's sources are its own. A position-wise section (the closed forms) needs none and
+    stays exact; an attention section takes the per-feature path with them."""
     parts = _closed_parts(model, layer, target, method)
     if parts is not None:
         return _m_closed(model, inputs, layer, parts, C_target, points, batch_size)
@@ -127,7 +149,7 @@ def m_partial(model: SequentialModel, inputs: Tensor, layer: str, target: str,
     C = _as_tensor(C_target, model)
     T = int(inputs.shape[1])  # token positions (used only for a transformer's attention)
     fast = _attention(model, layer, target, method, T, C.shape[0], C.shape[1])
-    if fast is not None:
+    if fast is not None and sources is None:
         att, chunk = fast
         maps = attention_maps(att, C)
         for batch in _batches(inputs, min(batch_size, chunk)):
@@ -143,12 +165,15 @@ def m_partial(model: SequentialModel, inputs: Tensor, layer: str, target: str,
     def fn(z: Tensor) -> Tensor:
         return model.run(z, layer, target) @ C
 
+    start = offset
     for batch in _batches(inputs, batch_size):
         with torch.no_grad():
             x = model.activations(batch, [layer])[layer]
-        jac = integrated_jacobian(fn, x, points)
+        signs = _signs(sources, start, len(batch), model.run(x[:1], layer, target).shape[1])
+        start += len(batch)
+        jac = integrated_jacobian(fn, x, points, signs)
         check_finite(jac, f"gradients into {layer}")
-        part = m_sum(jac)
+        part = m_sum(jac) / (1 if signs is None else signs.shape[1])
         total = part if total is None else total + part
         count += x.shape[0] * x.shape[1]
     assert total is not None
@@ -157,9 +182,11 @@ def m_partial(model: SequentialModel, inputs: Tensor, layer: str, target: str,
 
 def edge_partial(model: SequentialModel, inputs: Tensor, layer: str, next_layer: str,
                  C_in: np.ndarray, C_in_pinv: np.ndarray, C_out: np.ndarray,
-                 points: list[Point], batch_size: int, method: str = "auto") -> Sum:
+                 points: list[Point], batch_size: int, method: str = "auto",
+                 sources: Sources | None = None, offset: int = 0) -> Sum:
     """Σ over the batch of squared integrated-gradient edges from ``layer`` to ``next_layer``;
-    count = samples × input positions. ``method`` as for :func:`m_partial`."""
+    count = samples × input positions. ``method``, ``sources`` (eq. 23) and ``offset`` as for
+    :func:`m_partial`; with sources the closed forms stay exact (their expectation)."""
     total, count = None, 0
     Ci, Cip, Co = (_as_tensor(a, model) for a in (C_in, C_in_pinv, C_out))
     parts = _closed_parts(model, layer, next_layer, method)
@@ -172,7 +199,7 @@ def edge_partial(model: SequentialModel, inputs: Tensor, layer: str, next_layer:
         return Sum(f_hat.shape[0] * f_hat.shape[1], part.cpu().numpy())
     T = int(inputs.shape[1])  # token positions (used only for a transformer's attention)
     fast = _attention(model, layer, next_layer, method, T, Ci.shape[1], Co.shape[1])
-    if fast is not None:
+    if fast is not None and sources is None:
         att, chunk = fast
         maps = attention_maps(att, Co, left=Cip)
         for batch in _batches(inputs, min(batch_size, chunk)):
@@ -188,13 +215,16 @@ def edge_partial(model: SequentialModel, inputs: Tensor, layer: str, next_layer:
     def fn_hat(z: Tensor) -> Tensor:
         return model.run(z @ Cip, layer, next_layer) @ Co
 
+    start = offset
     for batch in _batches(inputs, batch_size):
         with torch.no_grad():
             x = model.activations(batch, [layer])[layer]
         f_hat = x @ Ci
-        jac = integrated_jacobian(fn_hat, f_hat, points)
+        signs = _signs(sources, start, len(batch), model.run(x[:1], layer, next_layer).shape[1])
+        start += len(batch)
+        jac = integrated_jacobian(fn_hat, f_hat, points, signs)
         check_finite(jac, f"gradients from {next_layer} into {layer}")
-        part = edge_sum(jac, f_hat)
+        part = edge_sum(jac, f_hat) / (1 if signs is None else signs.shape[1])
         total = part if total is None else total + part
         count += x.shape[0] * x.shape[1]
     assert total is not None
