@@ -324,6 +324,9 @@ def show(
                   *([("" if var is None else f"{var:.3g}")] if has_var else []), lam,
                   "yes" if row["complete"] else "no")
     out.print(t)
+    if s.get("features"):
+        out.print("feature examples (top, bottom, intervals; features/): "
+                  + ", ".join(escape(n) for n in s["features"]))
     stable = [(r["layer"], r["stability"]) for r in s["layers"] if r.get("stability")]
     if stable:
         ts = Table("layer", "shards", "top Λ jackknife s.e. (relative)", "principal angle, "

@@ -130,6 +130,20 @@ class EdgesSpec(Strict):
     integration: Integration = Integration()
 
 
+class FeaturesSpec(Strict):
+    """Examples for feature visualisation (paper figures 11-12), per LIB feature of the
+    listed node layers (docs/jobs.md, *features*)."""
+
+    layers: Annotated[list[str], Field(min_length=1, description="node layers of the job")]
+    top_k: Annotated[int, Field(ge=1, le=1000)] = 10
+    context: Annotated[int, Field(ge=1, le=1024, description="tokens kept up to and "
+                                                             "including each example's")] = 8
+    intervals: Annotated[int, Field(ge=1, le=100)] = 6
+    per_interval: Annotated[int, Field(ge=1, le=100)] = 3
+    pool_every: Annotated[int, Field(ge=1, description="about one (sample, position) in this "
+                                                       "many is pooled for the intervals")] = 64
+
+
 class SourcesSpec(Strict):
     """Stochastic sources over output positions (paper appendix C, eqs. 23-25)."""
 
@@ -196,6 +210,9 @@ class JobSpec(Strict):
     edges: EdgesSpec = EdgesSpec()
     ray: RaySpec = RaySpec()
     runtime_env: RuntimeEnvSpec = RuntimeEnvSpec()
+    features: FeaturesSpec | None = Field(None, description=(
+        "top, bottom and interval examples of each LIB feature of some node layers; null: "
+        "none"))
     sources: SourcesSpec | None = Field(None, description=(
         "stochastic ±1 sources over output positions for M and the edges; null: exact sums "
         "over every output position"))
@@ -204,6 +221,15 @@ class JobSpec(Strict):
         "by-parts attention Jacobian where it fits in memory, the per-feature autograd path "
         "elsewhere; exact: the per-feature autograd path everywhere (the reference)"))
     out: str = Field(description="Zarr store to write")
+
+    @model_validator(mode="after")
+    def _feature_layers(self) -> JobSpec:
+        if self.features is not None:
+            missing = [n for n in self.features.layers if n not in self.basis.node_layers]
+            if missing:
+                raise ValueError(f"features.layers: {missing[0]!r} is not one of "
+                                 f"basis.node_layers")
+        return self
 
     def fingerprint(self) -> str:
         """sha256 of the resolved job (stable field order), without ``runtime_env``: how a job

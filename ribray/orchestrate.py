@@ -35,6 +35,7 @@ from ribray.checkpoints import CheckpointError
 from ribray.config import JobSpec, ModAddData, RaySpec
 from ribray.data import shard_ranges
 from ribray.math.accumulators import Moments
+from ribray.math.examples import Examples, contexts, intervals, merge
 from ribray.math.sequential import TokenEmbed
 from ribray.progress import Event, Reporter
 from ribray.shards import ShardComputer
@@ -97,6 +98,10 @@ class LibWorker:
               C_in_pinv: np.ndarray, C_out: np.ndarray):
         return self.computer.edges(shard, layer, nxt, C_in, C_in_pinv, C_out)
 
+    def features(self, shard: tuple[int, int], layer: str, C: np.ndarray, k: int,
+                 pool_every: int):
+        return self.computer.features(shard, layer, C, k, pool_every)
+
     def ready(self) -> dict[str, Any]:
         """Where this worker runs: device, process id and Ray node id (logged by the driver)."""
         return {"device": self.device, "pid": os.getpid(), "gpus": ray.get_gpu_ids(),
@@ -128,9 +133,10 @@ class RayBackend:
         self.keep_after = keep_after
 
     def _map(self, phase: str, method: str, *args: Any) -> dict[int, Any]:
-        shards = self.shards if method == "gram" else self.jacobian_shards
+        shards = self.shards if method in ("gram", "features") else self.jacobian_shards
+        cache = self.cache if method != "features" else None  # candidates are not kept
         refs = [ray.put(a) if isinstance(a, np.ndarray) else a for a in args]
-        done: dict[int, Any] = self.cache.load_partials(phase) if self.cache else {}
+        done: dict[int, Any] = cache.load_partials(phase) if cache else {}
         if done:
             self.log(f"  {phase}: {len(done)}/{len(shards)} shards kept by an earlier run")
         todo = [s for s in range(len(shards)) if s not in done][::-1]
@@ -163,9 +169,9 @@ class RayBackend:
                     raise WorkerError(f"{phase}, shard {s} {shards[s]}: worker died and "
                                       f"could not be restarted ({type(exc).__name__})") from None
             elapsed = time.perf_counter() - t0
-            if self.cache is not None and (todo or in_flight) and elapsed >= self.keep_after:
+            if cache is not None and (todo or in_flight) and elapsed >= self.keep_after:
                 for s in unkept:
-                    self.cache.save_partial(phase, s, done[s])
+                    cache.save_partial(phase, s, done[s])
                 unkept.clear()
             rate = samples / elapsed if elapsed > 0 else 0.0
             self.report(Event(self.job_name, phase, len(done), len(shards), elapsed, rate,
@@ -178,17 +184,53 @@ class RayBackend:
     def m(self, layer: str, target: str, C_target: np.ndarray):
         return self._map(f"M/{layer}", "m", layer, target, C_target)
 
+    def features(self, layer: str, C: np.ndarray, k: int, pool_every: int):
+        return self._map(f"features/{layer}", "features", layer, C, k, pool_every)
+
     def edges(self, layer: str, next_layer: str, C_in: np.ndarray, C_in_pinv: np.ndarray,
               C_out: np.ndarray):
         return self._map(f"edges/{layer}--{next_layer}", "edges", layer, next_layer, C_in,
                          C_in_pinv, C_out)
 
 
+def _feature_examples(job: JobSpec, backend: RayBackend, writer: StoreWriter, inputs: Any,
+                      log: Log) -> None:
+    """Top, bottom and interval examples of each LIB feature of ``features.layers``
+    (:mod:`ribray.math.examples`), with their token contexts, into ``features/``."""
+    spec = job.features
+    assert spec is not None
+    tokens = inputs.cpu().numpy() if inputs.ndim == 2 and not inputs.is_floating_point() \
+        else None
+    for layer in spec.layers:
+        if writer.stored_features(layer):
+            log(f"features {layer}: written by an earlier run")
+            continue
+        basis = writer.stored_basis(layer)
+        assert basis is not None, f"the basis of {layer} is written before its examples"
+        parts = backend.features(layer, basis.C, spec.top_k, spec.pool_every)
+        ex = merge([parts[s] for s in sorted(parts)], spec.top_k)
+        iv = intervals(ex, spec.intervals, spec.per_interval)
+        ctx = None
+        if tokens is not None:
+            ctx = {name: contexts(tokens, smp, pos, spec.context) for name, smp, pos in (
+                ("top", ex.top_sample, ex.top_position),
+                ("bottom", ex.bottom_sample, ex.bottom_position),
+                ("interval", iv.sample, iv.position))}
+        writer.features(layer, ex, iv, ctx, spec.model_dump())
+        log(f"features {layer}: top/bottom {spec.top_k} and {spec.intervals} intervals of "
+            f"{basis.n_features} features ({ex.pool_sample.size} pooled rows)")
+
+
 def check_partial(partial: Any, what: str) -> None:
     """Raise FloatingPointError naming the phase and shard if a partial sum is not finite."""
     parts = partial.values() if isinstance(partial, dict) else [partial]
     for p in parts:
-        arrays = [p.mean, p.comoment] if isinstance(p, Moments) else [p.total]
+        if isinstance(p, Moments):
+            arrays = [p.mean, p.comoment]
+        elif isinstance(p, Examples):
+            arrays = [p.top_value, p.bottom_value, p.pool_value]
+        else:
+            arrays = [p.total]
         if not all(np.isfinite(a).all() for a in arrays):
             raise FloatingPointError(f"non-finite values in the partial sums of {what}")
 
@@ -288,7 +330,7 @@ def preflight(job: JobSpec, out: Where, overwrite: bool) -> dict[str, Any]:
                                             f"{'checkpoint' if what == 'model' else 'data set'}"
                                             f" (sha256 differs); pass --overwrite to replace it")
     tokens = int(data.inputs.shape[1]) if isinstance(model.embed, TokenEmbed) else 1
-    return {"widths": {n: model.width(n) for n in layers}, "n_samples": len(data),
+    return {"widths": {n: model.width(n) for n in layers}, "n_samples": len(data), "data": data,
             "fingerprints": prints, "state": state, "tokens_per_sample": tokens}
 
 
@@ -364,12 +406,16 @@ def _run(job: JobSpec, out: Where, address: str | None, overwrite: bool, dashboa
                           listener=on_progress)
         tokens = info["tokens_per_sample"]
         try:
-            timings = pipeline.run(RayBackend(workers, shards, log, cache=writer, report=report,
-                                              keep_after=job.ray.keep_partials_after_s,
-                                              jacobian_shards=jac_shards,
-                                              job_name=job.name, tokens_per_sample=tokens),
-                                   list(job.basis.node_layers), info["widths"],
+            backend = RayBackend(workers, shards, log, cache=writer, report=report,
+                                 keep_after=job.ray.keep_partials_after_s,
+                                 jacobian_shards=jac_shards, job_name=job.name,
+                                 tokens_per_sample=tokens)
+            timings = pipeline.run(backend, list(job.basis.node_layers), info["widths"],
                                    basis_settings(job), writer, log)
+            if job.features is not None:
+                t_f = time.perf_counter()
+                _feature_examples(job, backend, writer, info["data"].inputs, log)
+                timings["features"] = time.perf_counter() - t_f
         finally:
             report.close()
         timings["preflight"] = t_pre - t_start

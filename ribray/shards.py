@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ribray.math.accumulators import Moments, Sum
+from ribray.math.examples import Examples, merge, shard_examples
 from ribray.math.jacobian import Point
 from ribray.math.lib import Sources, edge_partial, gram_partial, m_partial
 from ribray.math.sequential import SequentialModel
@@ -49,6 +50,21 @@ class ShardComputer:
         return edge_partial(self.model, self._x(shard), layer, next_layer, C_in, C_in_pinv,
                             C_out, s.edge_points, s.batch_size, method=s.jacobians,
                             sources=s.sources, offset=shard[0])
+
+
+    def features(self, shard: tuple[int, int], layer: str, C: np.ndarray, k: int,
+                 pool_every: int) -> Examples:
+        """Feature-example candidates of one shard (:mod:`ribray.math.examples`)."""
+        x = self._x(shard)
+        Ct = torch.as_tensor(np.asarray(C), dtype=next(self.model.parameters()).dtype,
+                             device=x.device)
+        parts = []
+        for b0 in range(0, len(x), self.settings.batch_size):
+            batch = x[b0: b0 + self.settings.batch_size]
+            with torch.no_grad():
+                f = self.model.activations(batch, [layer])[layer] @ Ct
+            parts.append(shard_examples(f, shard[0] + b0, k, pool_every))
+        return merge(parts, k)
 
 
 class SerialBackend:

@@ -303,6 +303,36 @@ class StoreWriter:
         self._array(g, "E", E, ["out_feature", "in_feature"])
         g.attrs.update({"in_layer": layer, "out_layer": next_layer, "complete": True})
 
+    def features(self, layer: str, ex: Any, iv: Any, ctx: dict[str, np.ndarray] | None,
+                 attrs: dict[str, Any]) -> None:
+        """``features/{layer}``: feature examples (:mod:`ribray.math.examples`)."""
+        g = self.root.require_group(f"features/{layer}")
+        for kind in ("top", "bottom"):
+            self._any(g, f"{kind}_value", getattr(ex, f"{kind}_value"), ["feature", "rank"])
+            self._any(g, f"{kind}_sample", getattr(ex, f"{kind}_sample"), ["feature", "rank"])
+            self._any(g, f"{kind}_position", getattr(ex, f"{kind}_position"),
+                      ["feature", "rank"])
+        self._any(g, "interval_edges", iv.edges, ["feature", "edge"])
+        dims = ["feature", "interval", "example"]
+        self._any(g, "interval_value", iv.value, dims)
+        self._any(g, "interval_sample", iv.sample, dims)
+        self._any(g, "interval_position", iv.position, dims)
+        for name, arr in (ctx or {}).items():
+            base = ["feature", "rank"] if name != "interval" else dims
+            self._any(g, f"{name}_context", arr, [*base, "token"])
+        g.attrs.update({"layer": layer, **attrs, "complete": True})
+
+    def _any(self, group: zarr.Group, name: str, data: np.ndarray, dims: list[str]) -> None:
+        data = np.ascontiguousarray(data)
+        arr = group.create_array(name, shape=data.shape, dtype=data.dtype,
+                                 chunks=tuple(max(1, min(s, 1024)) for s in data.shape) or None,
+                                 dimension_names=dims, overwrite=True)
+        arr[...] = data
+
+    def stored_features(self, layer: str) -> bool:
+        key = f"features/{layer}"
+        return key in self.root and bool(self.root[key].attrs.get("complete"))
+
     def finish(self, timings: dict[str, float]) -> None:
         try:
             if "partials" in self.root:
@@ -459,7 +489,9 @@ def summary(root: zarr.Group) -> dict[str, Any]:
             E = np.asarray(root[key]["E"][...])
             edges.append({"edge": f"{a}--{b}", "shape": list(E.shape), "sum": float(E.sum()),
                           "max": float(E.max()) if E.size else 0.0})
-    return {"status": attrs.get("status"), "basis": attrs.get("basis"),
+    feats = sorted(name for name, g in root["features"].groups()
+                   if g.attrs.get("complete")) if "features" in root else []
+    return {"status": attrs.get("status"), "basis": attrs.get("basis"), "features": feats,
             "name": attrs.get("config", {}).get("name"), "timings": attrs.get("timings", {}),
             "layers": layers, "edges": edges, "analysis": analysis_summary(root)}
 

@@ -62,6 +62,34 @@ def test_the_smoke_job_writes_a_complete_store(ray_local, tmp_path):
     for a, b in zip(job.basis.node_layers[:-1], job.basis.node_layers[1:]):
         E = np.asarray(root[f"edges/{a}--{b}/E"][...])
         assert np.isfinite(E).all() and E.sum() > 0
+    # feature examples: the stored top and bottom rows are the brute-force ones, with contexts
+    from ribray.build import load_data, load_sequential
+
+    model, data = load_sequential(job), load_data(job)
+    for layer in job.features.layers:
+        g = root[f"features/{layer}"]
+        C = torch.as_tensor(np.asarray(root[f"layers/{layer}/C"][...]))
+        with torch.no_grad():
+            f = (model.activations(data.inputs, [layer])[layer] @ C).numpy()  # (N, T, k)
+        flat = f.reshape(-1, f.shape[-1]).T
+        want_top = -np.sort(-flat, axis=1)[:, :5]
+        np.testing.assert_allclose(np.asarray(g["top_value"][...]), want_top, rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(g["bottom_value"][...]),
+                                   np.sort(flat, axis=1)[:, :5], rtol=1e-12)
+        smp, pos = np.asarray(g["top_sample"][...]), np.asarray(g["top_position"][...])
+        np.testing.assert_allclose(f[smp, pos, np.arange(f.shape[-1])[:, None]], want_top,
+                                   rtol=1e-12)
+        ctx = np.asarray(g["top_context"][...])
+        s0, p0 = int(smp[0, 0]), int(pos[0, 0])
+        tail = data.inputs[s0, max(0, p0 - 5): p0 + 1].tolist()
+        assert ctx[0, 0, 6 - len(tail):].tolist() == tail
+        edges, vals = np.asarray(g["interval_edges"][...]), np.asarray(g["interval_value"][...])
+        for i in range(vals.shape[1]):
+            v = vals[:, i]
+            ok = np.isnan(v) | ((v >= edges[:, i, None] - 1e-12) &
+                                (v <= edges[:, i + 1, None] + 1e-12))
+            assert ok.all()
+        assert np.isfinite(vals).any()
     shown = runner.invoke(app, ["show", str(tmp_path / "store.zarr")])
     assert shown.exit_code == 0 and "Is the data enough?" in shown.output
     assert "Λ ln var" in shown.output
