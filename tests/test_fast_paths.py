@@ -151,3 +151,23 @@ def test_a_next_layer_without_features_gives_empty_sums():
                                  method=method)
             assert m.total.shape == (model.width(a),) * 2 and not m.total.any()
             assert e.total.shape == (0, 4)
+
+
+@pytest.mark.parametrize("rule,n", RULES)
+@pytest.mark.parametrize("arch", ["gpt2", "gpt-neox-parallel"])
+def test_layer_norm_halves_match_the_exact_path(arch, rule, n, tmp_path):
+    """Both halves of every layer norm (the final one, whose "out" half drops the residual,
+    and a parallel block's second, which carries the attention output) in closed form."""
+    from test_lm_models import _saved
+
+    from ribray.hf import hf_to_sequential, load_hf
+    from ribray.math.lm import LnIn, LnOut
+
+    model = hf_to_sequential(load_hf(_saved(arch, tmp_path), torch.float64))
+    tokens = torch.randint(0, 61, (6, 16), generator=torch.Generator().manual_seed(5))
+    pairs = [("ln1.0", "ln1_out.0"), ("ln1_out.0", "attn_in.0"), ("ln2.1", "ln2_out.1"),
+             ("ln2_out.1", "mlp_in.1"), ("ln_final", "ln_final_out"),
+             ("ln_final_out", "unembed")]
+    for a, b in pairs:
+        assert isinstance(model.section_step(a, b), (LnIn, LnOut))
+        _compare(model, tokens, a, b, rule, n, batch_size=4)

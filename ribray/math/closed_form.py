@@ -342,3 +342,106 @@ def edges_attention(mp: AttentionMaps, f_hat: Tensor, C_in_pinv: Tensor,
     a += torch.einsum("bhtj,hji->jbti", torch.einsum("bsj,bhts->bhtj", f, tm.A), tm.LVOC)
     a += torch.einsum("bgtj,bsj,bgtsi->jbti", tm.La, f, tm.u)
     return _f64((a * a).sum(dim=(1, 2))).T
+
+
+# --- layer-norm halves ------------------------------------------------------------------------
+
+
+class LnParts(NamedTuple):
+    """A layer-norm half as per-row rank-one updates of fixed maps (row vectors, float64):
+
+        D_r = σ P + s_r G + u_r e_vᵀ      (LnIn: s_r = 0, u_r the variance's gradient)
+        D_r = σ P + s_r G + e_v w_rᵀ      (LnOut: s_r = Σ_α w_α/√(α v_r), w_r ∂y/∂v)
+
+    ``rank_col`` tells which: True for LnIn (a column of D varies), False for LnOut (a row)."""
+
+    P: Tensor  # (d_in, d_out)
+    G: Tensor  # (d_in, d_out)
+    s: Tensor  # (N,)
+    vec: Tensor  # (N, d_in) for LnIn (u_r), (N, d_out) for LnOut (w_r)
+    v_index: int  # e_v: the output (LnIn) or input (LnOut) variance coordinate
+    rank_col: bool
+
+
+def ln_parts(step, x: Tensor, points: list[Point]) -> LnParts:
+    """:class:`LnParts` of a :class:`ribray.math.lm.LnIn` or ``LnOut`` step at rows ``x``
+    (N, d_in); the whole input (constant, variance included) is scaled by α on the path."""
+    from ribray.math.lm import LnIn, LnOut
+
+    x = _f64(x)
+    N, d_in = x.shape
+    d, d_out = step.d, step.d_out
+    sigma = _sigma(points)
+    dev = x.device
+    r = x[:, :d]
+    cen = r - r.mean(-1, keepdim=True)
+    P = torch.zeros(d_in, d_out, dtype=torch.float64, device=dev)
+    P[-1, -1] = 1.0  # the constant
+    if isinstance(step, LnIn):
+        P[: d_in - 1, : d_in - 1] = torch.eye(d_in - 1, dtype=torch.float64, device=dev)
+        abar = sum(pt.weight * pt.alpha for pt in points)  # ∂v(αx)/∂x = 2α(x − μ)/d
+        u = torch.zeros(N, d_in, dtype=torch.float64, device=dev)
+        u[:, :d] = abar * 2.0 / d * cen
+        return LnParts(sigma * P, torch.zeros_like(P), torch.zeros(N, dtype=torch.float64,
+                                                                   device=dev),
+                       u, d_out - 2, True)
+    assert isinstance(step, LnOut)
+    gamma, beta = _f64(step.weight), _f64(step.bias)
+    y0 = d_out - 1 - d  # first y coordinate of the output
+    keep = d_in - 2  # x and carry pass through when kept
+    if step.keep:
+        P[:keep, :keep] = torch.eye(keep, dtype=torch.float64, device=dev)
+    P[-1, y0: y0 + d] = beta
+    G = torch.zeros(d_in, d_out, dtype=torch.float64, device=dev)
+    cent = torch.eye(d, dtype=torch.float64, device=dev) - 1.0 / d
+    G[:d, y0: y0 + d] = cent * gamma  # dy = (dx Cent) ∘ γ / √(αv)
+    v = x[:, -2]
+    s = sum(pt.weight / torch.sqrt(pt.alpha * v) for pt in points)
+    coef = sum(pt.weight / (2.0 * math.sqrt(pt.alpha)) for pt in points) / v ** 1.5
+    w = torch.zeros(N, d_out, dtype=torch.float64, device=dev)
+    w[:, y0: y0 + d] = -gamma * cen * coef[:, None]
+    return LnParts(sigma * P, G, s, w, d_in - 2, False)
+
+
+def m_ln(lp: LnParts, C_out: Tensor) -> Tensor:
+    """Σ_r D_r K D_rᵀ (d_in, d_in), float64, K = C Cᵀ: first and second moments of the
+    per-row scalars and vectors against the fixed maps."""
+    C = _f64(C_out)
+    K = C @ C.T
+    P, G, s, vec = lp.P, lp.G, lp.s, lp.vec
+    N = s.shape[0]
+    M = N * (P @ K @ P.T)
+    PKG = P @ K @ G.T
+    M += s.sum() * (PKG + PKG.T) + (s * s).sum() * (G @ K @ G.T)
+    if lp.rank_col:  # D = σP + u e_vᵀ (G = 0)
+        kv = P @ K[:, lp.v_index]  # P K e_v
+        U = vec.sum(0)
+        M += torch.outer(U, kv) + torch.outer(kv, U) + K[lp.v_index, lp.v_index] * (vec.T @ vec)
+        return M
+    # D = σP + s G + e_v wᵀ
+    cross = P @ K @ vec.sum(0) + G @ K @ (s[:, None] * vec).sum(0)  # (d_in,)
+    e = torch.zeros(P.shape[0], dtype=torch.float64, device=P.device)
+    e[lp.v_index] = 1.0
+    M += torch.outer(cross, e) + torch.outer(e, cross)
+    M += ((vec @ K) * vec).sum() * torch.outer(e, e)
+    return M
+
+
+def edges_ln(lp: LnParts, f_hat: Tensor, C_in_pinv: Tensor, C_out: Tensor) -> Tensor:
+    """Σ_r (f_rj Ĵ_r[j, i])², shape (k_out, k_in), float64, with Ĵ_r = C_in⁺ D_r C_out
+    expanded: every term a GEMM over rows of N × k_in by N × k_out."""
+    Cip, Co, f = _f64(C_in_pinv), _f64(C_out), _f64(f_hat)
+    f2 = f * f  # (N, k_in)
+    Q, Gh = Cip @ lp.P @ Co, Cip @ lp.G @ Co  # (k_in, k_out)
+    s = lp.s
+    F0, F1, F2 = f2.sum(0), (f2 * s[:, None]).sum(0), (f2 * (s * s)[:, None]).sum(0)
+    E = Q * Q * F0[:, None] + 2 * Q * Gh * F1[:, None] + Gh * Gh * F2[:, None]
+    if lp.rank_col:  # Ĵ_r = Q + a_r bᵀ, a_r = C_in⁺ u_r, b = C_out[v]
+        a, b = lp.vec @ Cip.T, Co[lp.v_index]  # (N, k_in), (k_out,)
+        E += 2 * Q * b * (f2 * a).sum(0)[:, None] + b * b * (f2 * a * a).sum(0)[:, None]
+        return E.T
+    # Ĵ_r = Q + s_r Ĝ + a b_rᵀ, a = C_in⁺[:, v], b_r = C_outᵀ w_r
+    a, b = Cip[:, lp.v_index], lp.vec @ Co  # (k_in,), (N, k_out)
+    E += 2 * a[:, None] * (Q * (f2.T @ b) + Gh * ((f2 * s[:, None]).T @ b))
+    E += (a * a)[:, None] * (f2.T @ (b * b))
+    return E.T

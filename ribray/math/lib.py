@@ -29,8 +29,11 @@ from ribray.math.closed_form import (
     attention_maps,
     edges_attention,
     edges_closed,
+    edges_ln,
+    ln_parts,
     m_attention,
     m_from_moments,
+    m_ln,
 )
 from ribray.math.jacobian import Point, edge_sum, integrated_jacobian, m_sum, source_signs
 from ribray.math.sequential import Attention, Parts, SequentialModel
@@ -99,6 +102,16 @@ def _closed_parts(model: SequentialModel, layer: str, target: str, method: str) 
     return model.section_parts(layer, target, device=next(model.parameters()).device)
 
 
+def _ln_step(model: SequentialModel, layer: str, target: str, method: str):
+    """The section's layer-norm half when the section is exactly one (closed form), else None."""
+    from ribray.math.lm import LnIn, LnOut
+
+    if method != "auto":
+        return None
+    step = model.section_step(layer, target)
+    return step if isinstance(step, (LnIn, LnOut)) else None
+
+
 def _attention(model: SequentialModel, layer: str, target: str, method: str, T: int,
                k_left: int, k_out: int) -> tuple[Attention, int] | None:
     """The section's attention step and how many samples fit one chunk, when the
@@ -146,6 +159,19 @@ def m_partial(model: SequentialModel, inputs: Tensor, layer: str, target: str,
     if parts is not None:
         return _m_closed(model, inputs, layer, parts, C_target, points, batch_size)
     total, count = None, 0
+    ln = _ln_step(model, layer, target, method)
+    if ln is not None:
+        C64 = torch.as_tensor(np.asarray(C_target), dtype=torch.float64,
+                              device=next(model.parameters()).device)
+        for batch in _batches(inputs, batch_size):
+            with torch.no_grad():
+                x = model.activations(batch, [layer])[layer]
+            part = m_ln(ln_parts(ln, x.reshape(-1, x.shape[-1]), points), C64)
+            check_finite(part, f"gradients into {layer}")
+            total = part if total is None else total + part
+            count += x.shape[0] * x.shape[1]
+        assert total is not None
+        return Sum(count, total.cpu().numpy())
     C = _as_tensor(C_target, model)
     T = int(inputs.shape[1])  # token positions (used only for a transformer's attention)
     fast = _attention(model, layer, target, method, T, C.shape[0], C.shape[1])
@@ -197,6 +223,19 @@ def edge_partial(model: SequentialModel, inputs: Tensor, layer: str, next_layer:
         part = edges_closed(parts, f_hat.reshape(-1, Ci.shape[1]), Cip, Co, points)
         check_finite(part, f"edges from {next_layer} into {layer}")
         return Sum(f_hat.shape[0] * f_hat.shape[1], part.cpu().numpy())
+    ln = _ln_step(model, layer, next_layer, method)
+    if ln is not None:
+        for batch in _batches(inputs, batch_size):
+            with torch.no_grad():
+                f_hat = model.activations(batch, [layer])[layer] @ Ci
+            rows = f_hat.reshape(-1, f_hat.shape[-1])
+            lp = ln_parts(ln, rows @ Cip, points)  # evaluated at the projected inputs
+            part = edges_ln(lp, rows, Cip, Co)
+            check_finite(part, f"edges from {next_layer} into {layer}")
+            total = part if total is None else total + part
+            count += f_hat.shape[0] * f_hat.shape[1]
+        assert total is not None
+        return Sum(count, total.cpu().numpy())
     T = int(inputs.shape[1])  # token positions (used only for a transformer's attention)
     fast = _attention(model, layer, next_layer, method, T, Ci.shape[1], Co.shape[1])
     if fast is not None and sources is None:

@@ -308,6 +308,11 @@ class SequentialModel(nn.Module):
                 return None
         return out
 
+    def section_step(self, start: str, stop: str) -> Step | None:
+        """The section's one step, when it is a single step (else None)."""
+        steps = self.steps[self.index(start): self.index(stop)]
+        return steps[0] if len(steps) == 1 else None
+
     def section_attention(self, start: str, stop: str) -> Attention | None:
         """The one attention step of a section that is otherwise identities, else None."""
         steps = self.steps[self.index(start): self.index(stop)]
