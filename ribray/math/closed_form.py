@@ -11,14 +11,14 @@ w_α summing to σ), as the map ``dx -> dy``:
     D(x) = Σ_α w_α (P + A diag(act'(α x A)) B) = σ P + A diag(g) B,   g = Σ_α w_α act'(α x A)
 
 With the next layer's features ``F = y C`` and ``K = C Cᵀ``, the raw Jacobian-Gram of
-:func:`ribray.math.jacobian.m_sum` is Σ_rows D K Dᵀ (the Jacobian is block-diagonal over
+:func:`ribray.math.jacobian.m_stream` is Σ_rows D K Dᵀ (the Jacobian is block-diagonal over
 positions). Summed over rows r with ``G`` the rows' g (N, m):
 
     M = N σ² P K Pᵀ + σ (A diag(Σ_r g_r) B K Pᵀ + its transpose) + A ((B K Bᵀ) ∘ GᵀG) Aᵀ
 
 a Gram of activation derivatives instead of one backward pass per output feature.
 
-Edges (eq. 2 squared, :func:`ribray.math.jacobian.edge_sum`) between input features
+Edges (eq. 2 squared, :func:`ribray.math.jacobian.edges_stream`) between input features
 ``f = x C_in`` (evaluated at ``x = f C_in⁺``) and output features ``y C_out``: with
 ``Q = C_in⁺ P C_out``, ``U = C_in⁺ A``, ``V = B C_out``, the Jacobian with respect to the
 features at row r is ``Ĵ_r = σ Q + U diag(g_r) V`` (in_feature, out_feature), and
@@ -28,7 +28,7 @@ features at row r is ``Ĵ_r = σ Q + U diag(g_r) V`` (in_feature, out_feature), 
 computed one block of input features j at a time as one (N, m) @ (m, b·k_out) product.
 
 Derivatives ``act'`` come from autograd on the elementwise function itself, so they equal
-what the exact path (:func:`ribray.math.jacobian.integrated_jacobian`) differentiates,
+what the exact path (:func:`ribray.math.jacobian.integrated_gradients`) differentiates,
 including ReLU's 0 at 0.
 
 Precision: the large products run in the model's dtype (float64 for the reference jobs,

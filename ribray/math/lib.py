@@ -35,7 +35,13 @@ from ribray.math.closed_form import (
     m_from_moments,
     m_ln,
 )
-from ribray.math.jacobian import Point, edge_sum, integrated_jacobian, m_sum, source_signs
+from ribray.math.jacobian import (
+    Point,
+    edges_stream,
+    integrated_gradients,
+    m_stream,
+    source_signs,
+)
 from ribray.math.sequential import Attention, Parts, SequentialModel
 
 
@@ -197,9 +203,10 @@ def m_partial(model: SequentialModel, inputs: Tensor, layer: str, target: str,
             x = model.activations(batch, [layer])[layer]
         signs = _signs(sources, start, len(batch), model.run(x[:1], layer, target).shape[1])
         start += len(batch)
-        jac = integrated_jacobian(fn, x, points, signs)
-        check_finite(jac, f"gradients into {layer}")
-        part = m_sum(jac) / (1 if signs is None else signs.shape[1])
+        M = m_stream(integrated_gradients(fn, x, points, signs))
+        part = (np.zeros((x.shape[-1],) * 2) if M is None else M
+                ) / (1 if signs is None else signs.shape[1])
+        check_finite(torch.from_numpy(part), f"gradients into {layer}")
         total = part if total is None else total + part
         count += x.shape[0] * x.shape[1]
     assert total is not None
@@ -261,9 +268,9 @@ def edge_partial(model: SequentialModel, inputs: Tensor, layer: str, next_layer:
         f_hat = x @ Ci
         signs = _signs(sources, start, len(batch), model.run(x[:1], layer, next_layer).shape[1])
         start += len(batch)
-        jac = integrated_jacobian(fn_hat, f_hat, points, signs)
-        check_finite(jac, f"gradients from {next_layer} into {layer}")
-        part = edge_sum(jac, f_hat) / (1 if signs is None else signs.shape[1])
+        part = edges_stream(integrated_gradients(fn_hat, f_hat, points, signs), f_hat,
+                            Co.shape[1]) / (1 if signs is None else signs.shape[1])
+        check_finite(torch.from_numpy(part), f"gradients from {next_layer} into {layer}")
         total = part if total is None else total + part
         count += x.shape[0] * x.shape[1]
     assert total is not None
