@@ -67,7 +67,9 @@ def compute_settings(job: JobSpec) -> ComputeSettings:
                            edge_points=integration_points(ei.rule, ei.n),
                            jacobians=job.jacobians,
                            sources=(Sources(job.sources.r, job.sources.seed)
-                                    if job.sources is not None else None))
+                                    if job.sources is not None else None),
+                           memory_budget=(int(job.ray.memory_budget_gb * 2**30)
+                                          if job.ray.memory_budget_gb is not None else None))
 
 
 def basis_settings(job: JobSpec) -> BasisSettings:

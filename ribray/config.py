@@ -161,6 +161,9 @@ class RaySpec(Strict):
                                                    )] = None
     shard_size: Annotated[int, Field(ge=1, description="samples per shard")] = 512
     batch_size: Annotated[int, Field(ge=1, description="samples per forward pass")] = 256
+    memory_budget_gb: Annotated[float | None, Field(gt=0, description=(
+        "memory one worker may use for a batch of the exact Jacobian path (the batch is cut "
+        "to fit); null: 80% of a GPU's memory, 4 GiB on a CPU"))] = None
     keep_partials_after_s: Annotated[float, Field(ge=0, description=(
         "a phase keeps its shards' partial sums in the store (for resuming) once it has run "
         "this long; shorter phases are cheaper to compute again"))] = 5.0

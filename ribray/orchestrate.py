@@ -36,9 +36,11 @@ from ribray.config import JobSpec, ModAddData, RaySpec
 from ribray.data import shard_ranges
 from ribray.math.accumulators import Moments
 from ribray.math.examples import Examples, contexts, intervals, merge
+from ribray.math.lib import exact_bytes_per_sample
+from ribray.math.lm import LnIn, LnOut
 from ribray.math.sequential import TokenEmbed
 from ribray.progress import Event, Reporter
-from ribray.shards import ShardComputer
+from ribray.shards import DEFAULT_CPU_BUDGET, ShardComputer
 from ribray.store import (
     Lease,
     StoreError,
@@ -308,7 +310,35 @@ def check_job(job: JobSpec) -> dict[str, Any]:
     problem = model.input_problem(data.inputs)
     if problem:
         raise PreflightError("data", problem)
+    _check_memory(job, model, data.inputs)
     return {"model": model, "n_samples": len(data), "data": data}
+
+
+def _check_memory(job: JobSpec, model: Any, inputs: Any) -> None:
+    """Refuse, before anything runs, a job whose exact-path sections cannot take one sample
+    within the memory budget (the job's, else 4 GiB on CPU workers; GPU workers learn their
+    device's size when they start, so without a budget in the job they are not checked)."""
+    if job.ray.memory_budget_gb is not None:
+        budget = int(job.ray.memory_budget_gb * 2**30)
+    elif not job.ray.gpus_per_worker:
+        budget = DEFAULT_CPU_BUDGET
+    else:
+        return
+    T = int(inputs.shape[1]) if inputs.ndim == 2 and not inputs.is_floating_point() else 1
+    layers = job.basis.node_layers
+    targets = zip(layers[:-1], layers[1:]) if job.basis.kind != "gib" else \
+        ((a, layers[-1]) for a in layers[:-1])
+    n_points = max(job.basis.integration.n, job.edges.integration.n) + 1
+    for a, b in targets:
+        if model.section_parts(a, b) is not None or isinstance(model.section_step(a, b),
+                                                                (LnIn, LnOut)):
+            continue  # closed forms: per-row moments, no autograd graph
+        need = exact_bytes_per_sample(model, a, b, T, n_points)
+        if need > budget:
+            raise PreflightError("ray.memory_budget_gb", f"one sample of the section {a} -> {b}"
+                                 f" needs about {need / 2**30:.2f} GiB on the exact path "
+                                 f"({T} positions), more than the {budget / 2**30:.2f} GiB a "
+                                 f"worker may use; raise the budget or shorten data.n_ctx")
 
 
 def preflight(job: JobSpec, out: Where, overwrite: bool) -> dict[str, Any]:

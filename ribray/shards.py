@@ -17,6 +17,8 @@ from ribray.math.jacobian import Point
 from ribray.math.lib import Sources, edge_partial, gram_partial, m_partial
 from ribray.math.sequential import SequentialModel
 
+DEFAULT_CPU_BUDGET = 4 * 2**30
+
 
 @dataclass(frozen=True)
 class ComputeSettings:
@@ -25,6 +27,7 @@ class ComputeSettings:
     edge_points: list[Point]
     jacobians: str = "auto"  # "auto": closed forms where they apply; "exact": per feature
     sources: Sources | None = None  # stochastic sources over output positions (R, seed)
+    memory_budget: int | None = None  # bytes for one batch of the exact path; None: auto
 
 
 class ShardComputer:
@@ -32,6 +35,17 @@ class ShardComputer:
 
     def __init__(self, model: SequentialModel, inputs: torch.Tensor, settings: ComputeSettings):
         self.model, self.inputs, self.settings = model, inputs, settings
+
+    @property
+    def budget(self) -> int:
+        """The exact path's memory budget (bytes): the job's, else 80% of a GPU's memory or
+        4 GiB on a CPU."""
+        if self.settings.memory_budget is not None:
+            return self.settings.memory_budget
+        dev = next(self.model.parameters()).device
+        if dev.type == "cuda":
+            return int(0.8 * torch.cuda.get_device_properties(dev).total_memory)
+        return DEFAULT_CPU_BUDGET
 
     def _x(self, shard: tuple[int, int]) -> torch.Tensor:
         return self.inputs[shard[0]: shard[1]]
@@ -42,14 +56,15 @@ class ShardComputer:
     def m(self, shard: tuple[int, int], layer: str, target: str, C_target: np.ndarray) -> Sum:
         s = self.settings
         return m_partial(self.model, self._x(shard), layer, target, C_target, s.basis_points,
-                         s.batch_size, method=s.jacobians, sources=s.sources, offset=shard[0])
+                         s.batch_size, method=s.jacobians, sources=s.sources, offset=shard[0],
+                         budget=self.budget)
 
     def edges(self, shard: tuple[int, int], layer: str, next_layer: str, C_in: np.ndarray,
               C_in_pinv: np.ndarray, C_out: np.ndarray) -> Sum:
         s = self.settings
         return edge_partial(self.model, self._x(shard), layer, next_layer, C_in, C_in_pinv,
                             C_out, s.edge_points, s.batch_size, method=s.jacobians,
-                            sources=s.sources, offset=shard[0])
+                            sources=s.sources, offset=shard[0], budget=self.budget)
 
 
     def features(self, shard: tuple[int, int], layer: str, C: np.ndarray, k: int,

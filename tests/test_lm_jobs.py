@@ -162,9 +162,16 @@ def test_bad_language_model_input_is_one_line(tmp_path):
               "architecture 'bert' is not supported")
     # a node layer the model does not have
     spec["model"]["path"] = str(MODEL)
+    spec.pop("features")
     spec["basis"]["node_layers"] = ["ln1.0", "ln1_out.7", "output"]
     job.write_text(yaml.safe_dump(spec))
     _one_line(runner.invoke(app, ["validate", str(job)]), "basis.node_layers", "ln1_out.7")
+    # a section one sample of which does not fit the memory budget
+    spec["basis"]["node_layers"] = ["ln1.0", "ln1_out.0", "attn_in.0", "ln2.0", "output"]
+    spec["ray"]["memory_budget_gb"] = 1e-6
+    job.write_text(yaml.safe_dump(spec))
+    _one_line(runner.invoke(app, ["validate", str(job)]), "field ray.memory_budget_gb",
+              "attn_in.0 -> ln2.0", "more than the")
     # and nothing was written
     assert not (tmp_path / "store.zarr").exists()
 

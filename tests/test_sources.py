@@ -86,3 +86,18 @@ def test_sources_do_not_depend_on_sharding():
     np.testing.assert_allclose(total, whole.total, rtol=0, atol=1e-12 * np.abs(whole.total).max())
     other = lib.m_partial(seq, tokens, "ln1.0", "ln2.0", C_b, PTS, 8, sources=Sources(2, 8))
     assert not np.allclose(other.total, whole.total)
+
+
+def test_a_memory_budget_cuts_the_batch_not_the_result():
+    """The exact path takes fewer samples at a time under a small budget; the sums agree to
+    round-off (float64, a different order of additions)."""
+    seq, tokens = _model(last_pos_only=False)
+    _, _, C_b = _bases(seq, "ln1.0", "ln2.0")
+    per = lib.exact_bytes_per_sample(seq, "ln1.0", "ln2.0", 5, 1)
+    assert lib._sub_batch(seq, "ln1.0", "ln2.0", tokens, 8, 1, 3 * per) == 3
+    whole = lib.m_partial(seq, tokens, "ln1.0", "ln2.0", C_b, PTS, 8, method="exact")
+    small = lib.m_partial(seq, tokens, "ln1.0", "ln2.0", C_b, PTS, 8, method="exact",
+                          budget=3 * per)
+    assert small.count == whole.count
+    np.testing.assert_allclose(small.total, whole.total, rtol=0,
+                               atol=1e-12 * np.abs(whole.total).max())

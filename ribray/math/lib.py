@@ -85,6 +85,31 @@ class Sources(NamedTuple):
     seed: int
 
 
+def exact_bytes_per_sample(model: SequentialModel, layer: str, target: str, T: int,
+                           n_points: int) -> int:
+    """About how much memory one sample takes on the exact path of a section: each
+    integration point's forward graph (every step's input and output, with what autograd
+    keeps of them; an attention step's scores and pattern, heads × T²) and the gradient."""
+    size = next(model.parameters()).element_size()
+    graph = 0
+    for step in model.steps[model.index(layer): model.index(target)]:
+        graph += 3 * T * (step.d_in + step.d_out)
+        heads = getattr(step, "W_Q", None)
+        if heads is not None:
+            graph += 4 * heads.shape[0] * T * T
+    return size * (n_points * graph + 2 * T * model.width(layer))
+
+
+def _sub_batch(model: SequentialModel, layer: str, target: str, inputs: Tensor,
+               batch_size: int, n_points: int, budget: int | None) -> int:
+    """The batch size of the exact path: ``batch_size``, smaller if ``budget`` bytes ask."""
+    if budget is None:
+        return batch_size
+    T = int(inputs.shape[1]) if inputs.ndim == 2 and not inputs.is_floating_point() else 1
+    per = exact_bytes_per_sample(model, layer, target, T, n_points)
+    return max(1, min(batch_size, budget // max(1, per)))
+
+
 def _signs(sources: Sources | None, start: int, n: int, t_out: int) -> Tensor | None:
     """The ±1 sources of samples start..start+n, or None (exact) without sources or with a
     single output position (where they change nothing: φ² = 1)."""
@@ -151,7 +176,8 @@ def _m_closed(model: SequentialModel, inputs: Tensor, layer: str, parts: Parts,
 
 def m_partial(model: SequentialModel, inputs: Tensor, layer: str, target: str,
               C_target: np.ndarray, points: list[Point], batch_size: int,
-              method: str = "auto", sources: Sources | None = None, offset: int = 0) -> Sum:
+              method: str = "auto", sources: Sources | None = None, offset: int = 0,
+              budget: int | None = None) -> Sum:
     """Σ over the batch of the raw Jacobian-Gram of ``layer`` with respect to ``target``'s
     features; count = samples × input positions. ``method``: ``auto`` uses the closed form
     of :mod:`ribray.math.closed_form` where the section allows it, ``exact`` always the
@@ -198,7 +224,8 @@ def m_partial(model: SequentialModel, inputs: Tensor, layer: str, target: str,
         return model.run(z, layer, target) @ C
 
     start = offset
-    for batch in _batches(inputs, batch_size):
+    sub = _sub_batch(model, layer, target, inputs, batch_size, len(points), budget)
+    for batch in _batches(inputs, sub):
         with torch.no_grad():
             x = model.activations(batch, [layer])[layer]
         signs = _signs(sources, start, len(batch), model.run(x[:1], layer, target).shape[1])
@@ -216,7 +243,8 @@ def m_partial(model: SequentialModel, inputs: Tensor, layer: str, target: str,
 def edge_partial(model: SequentialModel, inputs: Tensor, layer: str, next_layer: str,
                  C_in: np.ndarray, C_in_pinv: np.ndarray, C_out: np.ndarray,
                  points: list[Point], batch_size: int, method: str = "auto",
-                 sources: Sources | None = None, offset: int = 0) -> Sum:
+                 sources: Sources | None = None, offset: int = 0,
+                 budget: int | None = None) -> Sum:
     """Σ over the batch of squared integrated-gradient edges from ``layer`` to ``next_layer``;
     count = samples × input positions. ``method``, ``sources`` (eq. 23) and ``offset`` as for
     :func:`m_partial`; with sources the closed forms stay exact (their expectation)."""
@@ -262,7 +290,8 @@ def edge_partial(model: SequentialModel, inputs: Tensor, layer: str, next_layer:
         return model.run(z @ Cip, layer, next_layer) @ Co
 
     start = offset
-    for batch in _batches(inputs, batch_size):
+    sub = _sub_batch(model, layer, next_layer, inputs, batch_size, len(points), budget)
+    for batch in _batches(inputs, sub):
         with torch.no_grad():
             x = model.activations(batch, [layer])[layer]
         f_hat = x @ Ci
