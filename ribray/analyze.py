@@ -288,6 +288,10 @@ def plan(store: Where, spec: AnalysisSpec, overwrite: bool) -> Plan:
     nothing. Raises StoreError or PreflightError with one line."""
     root = check_analysis_target(store, overwrite)
     contents = read_store(root)
+    if getattr(contents.job.data, "kind", None) == "text":
+        raise PreflightError("data", "the analysis of language-model stores (scores over every "
+                                     "position) is not supported yet; the store's features/ "
+                                     "and stability are there to read")
     layers = resolve_layers(spec, contents.node_layers)
     pairs = list(zip(layers[:-1], layers[1:]))
     if spec.edge_ablation.enabled or spec.modularity.enabled:

@@ -71,8 +71,8 @@ class ShardComputer:
                  pool_every: int) -> Examples:
         """Feature-example candidates of one shard (:mod:`ribray.math.examples`)."""
         x = self._x(shard)
-        Ct = torch.as_tensor(np.asarray(C), dtype=next(self.model.parameters()).dtype,
-                             device=x.device)
+        Ct = torch.tensor(np.asarray(C), dtype=next(self.model.parameters()).dtype,
+                          device=x.device)
         parts = []
         for b0 in range(0, len(x), self.settings.batch_size):
             batch = x[b0: b0 + self.settings.batch_size]

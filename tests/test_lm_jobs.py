@@ -93,6 +93,8 @@ def test_the_smoke_job_writes_a_complete_store(ray_local, tmp_path):
     shown = runner.invoke(app, ["show", str(tmp_path / "store.zarr")])
     assert shown.exit_code == 0 and "Is the data enough?" in shown.output
     assert "Λ ln var" in shown.output
+    analysed = runner.invoke(app, ["analyze", str(tmp_path / "store.zarr"), "--no-dashboard"])
+    _one_line(analysed, "field data", "not supported yet")
 
 
 def test_text_selection_packing_and_cache(tmp_path):

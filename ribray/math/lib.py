@@ -42,6 +42,7 @@ from ribray.math.jacobian import (
     m_stream,
     source_signs,
 )
+from ribray.math.lm import LnIn, LnOut
 from ribray.math.sequential import Attention, Parts, SequentialModel
 
 
@@ -120,8 +121,8 @@ def _signs(sources: Sources | None, start: int, n: int, t_out: int) -> Tensor | 
 
 #: the most memory one sample's attention terms may take for the by-parts path (bytes)
 ATTENTION_BUDGET = 256 * 2**20
-#: the target size of one chunk's largest attention term: small enough to stay in cache, so
-#: that workers sharing a machine are not limited by memory bandwidth (bytes)
+#: the target size of one chunk's largest attention term (bytes): chunks of about a batch
+#: for the modular-addition model, one sample at a time for large ones
 ATTENTION_CHUNK = 32 * 2**20
 
 
@@ -133,10 +134,9 @@ def _closed_parts(model: SequentialModel, layer: str, target: str, method: str) 
     return model.section_parts(layer, target, device=next(model.parameters()).device)
 
 
-def _ln_step(model: SequentialModel, layer: str, target: str, method: str):
+def _ln_step(model: SequentialModel, layer: str, target: str, method: str
+             ) -> LnIn | LnOut | None:
     """The section's layer-norm half when the section is exactly one (closed form), else None."""
-    from ribray.math.lm import LnIn, LnOut
-
     if method != "auto":
         return None
     step = model.section_step(layer, target)
@@ -193,8 +193,8 @@ def m_partial(model: SequentialModel, inputs: Tensor, layer: str, target: str,
     total, count = None, 0
     ln = _ln_step(model, layer, target, method)
     if ln is not None:
-        C64 = torch.as_tensor(np.asarray(C_target), dtype=torch.float64,
-                              device=next(model.parameters()).device)
+        C64 = torch.tensor(np.asarray(C_target), dtype=torch.float64,
+                           device=next(model.parameters()).device)
         for batch in _batches(inputs, batch_size):
             with torch.no_grad():
                 x = model.activations(batch, [layer])[layer]
