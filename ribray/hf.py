@@ -118,8 +118,22 @@ def _final(p: dict[str, Any]) -> list[Step]:
             Affine("unembed", p["W_U"], b_U, act_fn=None)]
 
 
-def _ln(ln: nn.LayerNorm) -> tuple[Tensor, Tensor, float]:
-    return ln.weight, ln.bias, float(ln.eps)
+def _norms(ln1: nn.LayerNorm, ln2: nn.LayerNorm) -> dict[str, Any]:
+    """A block's two layer norms as the entries of :func:`_block`."""
+    return {"ln1_w": ln1.weight, "ln1_b": ln1.bias, "eps1": float(ln1.eps),
+            "ln2_w": ln2.weight, "ln2_b": ln2.bias, "eps2": float(ln2.eps)}
+
+
+def _mlp(W_in: Tensor, b_in: Tensor, W_out: Tensor, b_out: Tensor, act: str) -> dict[str, Any]:
+    """A block's MLP (row-vector weights: (d, m) and (m, d)) as the entries of :func:`_block`."""
+    return {"W_in": W_in, "b_in": b_in, "W_out": W_out, "b_out": b_out, "act": _act(act)}
+
+
+def _head(model: nn.Module, d: int, ln_f: nn.LayerNorm) -> dict[str, Any]:
+    """The final layer norm and the unembedding, as :func:`_final` takes them."""
+    head = model.get_output_embeddings()
+    return {"d": d, "w": ln_f.weight, "b": ln_f.bias, "eps": float(ln_f.eps),
+            "W_U": head.weight.T, "b_U": getattr(head, "bias", None)}
 
 
 def _gpt2(model: nn.Module):
@@ -132,22 +146,15 @@ def _gpt2(model: nn.Module):
         scale = 1.0 / math.sqrt(dh) if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= float(i + 1)
-        w1, b1, e1 = _ln(blk.ln_1)
-        w2, b2, e2 = _ln(blk.ln_2)
         blocks.append({
             "d": d, "parallel": False, "scale": scale, "window": None, "rotary": None,
             "W_Q": _fold(W[:, :d], bias[:d], H), "W_K": _fold(W[:, d:2 * d], bias[d:2 * d], H),
             "W_V": _fold(W[:, 2 * d:], bias[2 * d:], H),
             "W_O": blk.attn.c_proj.weight.reshape(H, dh, d), "b_O": blk.attn.c_proj.bias,
-            "ln1_w": w1, "ln1_b": b1, "eps1": e1, "ln2_w": w2, "ln2_b": b2, "eps2": e2,
-            "W_in": blk.mlp.c_fc.weight, "b_in": blk.mlp.c_fc.bias,
-            "W_out": blk.mlp.c_proj.weight, "b_out": blk.mlp.c_proj.bias,
-            "act": _act(cfg.activation_function)})
-    w, b, e = _ln(tr.ln_f)
-    head = model.get_output_embeddings()
-    final = {"d": d, "w": w, "b": b, "eps": e, "W_U": head.weight.T,
-             "b_U": getattr(head, "bias", None)}
-    return TokenEmbed(tr.wte.weight, tr.wpe.weight), blocks, final
+            **_norms(blk.ln_1, blk.ln_2),
+            **_mlp(blk.mlp.c_fc.weight, blk.mlp.c_fc.bias, blk.mlp.c_proj.weight,
+                   blk.mlp.c_proj.bias, cfg.activation_function)})
+    return TokenEmbed(tr.wte.weight, tr.wpe.weight), blocks, _head(model, d, tr.ln_f)
 
 
 def _gpt_neo(model: nn.Module):
@@ -157,8 +164,6 @@ def _gpt_neo(model: nn.Module):
     blocks = []
     for i, blk in enumerate(tr.h):
         at = blk.attn.attention
-        w1, b1, e1 = _ln(blk.ln_1)
-        w2, b2, e2 = _ln(blk.ln_2)
         local = cfg.attention_layers[i] == "local"
         blocks.append({
             "d": d, "parallel": False, "scale": 1.0, "rotary": None,
@@ -167,15 +172,10 @@ def _gpt_neo(model: nn.Module):
             "W_K": _fold(at.k_proj.weight.T, at.k_proj.bias, H),
             "W_V": _fold(at.v_proj.weight.T, at.v_proj.bias, H),
             "W_O": at.out_proj.weight.T.reshape(H, dh, d), "b_O": at.out_proj.bias,
-            "ln1_w": w1, "ln1_b": b1, "eps1": e1, "ln2_w": w2, "ln2_b": b2, "eps2": e2,
-            "W_in": blk.mlp.c_fc.weight.T, "b_in": blk.mlp.c_fc.bias,
-            "W_out": blk.mlp.c_proj.weight.T, "b_out": blk.mlp.c_proj.bias,
-            "act": _act(cfg.activation_function)})
-    w, b, e = _ln(tr.ln_f)
-    head = model.get_output_embeddings()
-    final = {"d": d, "w": w, "b": b, "eps": e, "W_U": head.weight.T,
-             "b_U": getattr(head, "bias", None)}
-    return TokenEmbed(tr.wte.weight, tr.wpe.weight), blocks, final
+            **_norms(blk.ln_1, blk.ln_2),
+            **_mlp(blk.mlp.c_fc.weight.T, blk.mlp.c_fc.bias, blk.mlp.c_proj.weight.T,
+                   blk.mlp.c_proj.bias, cfg.activation_function)})
+    return TokenEmbed(tr.wte.weight, tr.wpe.weight), blocks, _head(model, d, tr.ln_f)
 
 
 def _neox_rotary(cfg: Any, dh: int) -> tuple[int, float]:
@@ -203,22 +203,16 @@ def _gpt_neox(model: nn.Module):
         def part(j: int, W=W, bias=bias) -> Tensor:
             return torch.cat([W[:, :, j], bias[:, j].unsqueeze(0)], dim=0).permute(1, 0, 2)
 
-        w1, b1, e1 = _ln(blk.input_layernorm)
-        w2, b2, e2 = _ln(blk.post_attention_layernorm)
         blocks.append({
             "d": d, "parallel": bool(cfg.use_parallel_residual), "scale": dh ** -0.5,
             "window": None, "rotary": rotary, "W_Q": part(0), "W_K": part(1), "W_V": part(2),
             "W_O": at.dense.weight.T.reshape(H, dh, d), "b_O": at.dense.bias,
-            "ln1_w": w1, "ln1_b": b1, "eps1": e1, "ln2_w": w2, "ln2_b": b2, "eps2": e2,
-            "W_in": blk.mlp.dense_h_to_4h.weight.T, "b_in": blk.mlp.dense_h_to_4h.bias,
-            "W_out": blk.mlp.dense_4h_to_h.weight.T, "b_out": blk.mlp.dense_4h_to_h.bias,
-            "act": _act(cfg.hidden_act)})
-    w, b, e = _ln(tr.final_layer_norm)
-    head = model.get_output_embeddings()
-    final = {"d": d, "w": w, "b": b, "eps": e, "W_U": head.weight.T,
-             "b_U": getattr(head, "bias", None)}
+            **_norms(blk.input_layernorm, blk.post_attention_layernorm),
+            **_mlp(blk.mlp.dense_h_to_4h.weight.T, blk.mlp.dense_h_to_4h.bias,
+                   blk.mlp.dense_4h_to_h.weight.T, blk.mlp.dense_4h_to_h.bias,
+                   cfg.hidden_act)})
     pos = torch.zeros(cfg.max_position_embeddings, d, dtype=dtype)
-    return TokenEmbed(tr.embed_in.weight, pos), blocks, final
+    return TokenEmbed(tr.embed_in.weight, pos), blocks, _head(model, d, tr.final_layer_norm)
 
 
 def is_local(path: str) -> bool:

@@ -15,6 +15,7 @@ sums (:mod:`ribray.math.accumulators`) to be merged across shards in shard order
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -158,6 +159,22 @@ def _attention(model: SequentialModel, layer: str, target: str, method: str, T: 
     return att, max(1, ATTENTION_CHUNK // max(1, per_sample))
 
 
+def _sum_batches(model: SequentialModel, inputs: Tensor, layer: str, batch_size: int,
+                 part: Callable[[Tensor], Tensor], what: str) -> Sum:
+    """Σ over batches of ``part(x)`` (a float64 tensor) for the batches' activations ``x``
+    at ``layer``; count = samples × positions. Non-finite sums stop with ``what`` named."""
+    total, count = None, 0
+    for batch in _batches(inputs, batch_size):
+        with torch.no_grad():
+            x = model.activations(batch, [layer])[layer]
+        p = part(x)
+        check_finite(p, what)
+        total = p if total is None else total + p
+        count += x.shape[0] * x.shape[1]
+    assert total is not None
+    return Sum(count, total.cpu().numpy())
+
+
 def _m_closed(model: SequentialModel, inputs: Tensor, layer: str, parts: Parts,
               C_target: np.ndarray, points: list[Point], batch_size: int) -> Sum:
     C = torch.tensor(np.asarray(C_target), dtype=torch.float64,
@@ -190,40 +207,25 @@ def m_partial(model: SequentialModel, inputs: Tensor, layer: str, target: str,
     parts = _closed_parts(model, layer, target, method)
     if parts is not None:
         return _m_closed(model, inputs, layer, parts, C_target, points, batch_size)
-    total, count = None, 0
     ln = _ln_step(model, layer, target, method)
     if ln is not None:
         C64 = torch.tensor(np.asarray(C_target), dtype=torch.float64,
                            device=next(model.parameters()).device)
-        for batch in _batches(inputs, batch_size):
-            with torch.no_grad():
-                x = model.activations(batch, [layer])[layer]
-            part = m_ln(ln_parts(ln, x.reshape(-1, x.shape[-1]), points), C64)
-            check_finite(part, f"gradients into {layer}")
-            total = part if total is None else total + part
-            count += x.shape[0] * x.shape[1]
-        assert total is not None
-        return Sum(count, total.cpu().numpy())
+        return _sum_batches(model, inputs, layer, batch_size, lambda x: m_ln(
+            ln_parts(ln, x.reshape(-1, x.shape[-1]), points), C64), f"gradients into {layer}")
     C = _as_tensor(C_target, model)
     T = int(inputs.shape[1])  # token positions (used only for a transformer's attention)
     fast = _attention(model, layer, target, method, T, C.shape[0], C.shape[1])
     if fast is not None and sources is None:
         att, chunk = fast
         maps = attention_maps(att, C)
-        for batch in _batches(inputs, min(batch_size, chunk)):
-            with torch.no_grad():
-                x = model.activations(batch, [layer])[layer]
-            part = m_attention(maps, x, points)
-            check_finite(part, f"gradients into {layer}")
-            total = part if total is None else total + part
-            count += x.shape[0] * x.shape[1]
-        assert total is not None
-        return Sum(count, total.cpu().numpy())
+        return _sum_batches(model, inputs, layer, min(batch_size, chunk),
+                            lambda x: m_attention(maps, x, points), f"gradients into {layer}")
 
     def fn(z: Tensor) -> Tensor:
         return model.run(z, layer, target) @ C
 
-    start = offset
+    total, count, start = None, 0, offset
     sub = _sub_batch(model, layer, target, inputs, batch_size, len(points), budget)
     for batch in _batches(inputs, sub):
         with torch.no_grad():
@@ -248,48 +250,35 @@ def edge_partial(model: SequentialModel, inputs: Tensor, layer: str, next_layer:
     """Σ over the batch of squared integrated-gradient edges from ``layer`` to ``next_layer``;
     count = samples × input positions. ``method``, ``sources`` (eq. 23) and ``offset`` as for
     :func:`m_partial`; with sources the closed forms stay exact (their expectation)."""
-    total, count = None, 0
     Ci, Cip, Co = (_as_tensor(a, model) for a in (C_in, C_in_pinv, C_out))
+    what = f"edges from {next_layer} into {layer}"
     parts = _closed_parts(model, layer, next_layer, method)
     if parts is not None:  # all rows at once: the closed form's blocks are formed once
         with torch.no_grad():
             f_hat = torch.cat([(model.activations(batch, [layer])[layer] @ Ci)
                                for batch in _batches(inputs, batch_size)])
         part = edges_closed(parts, f_hat.reshape(-1, Ci.shape[1]), Cip, Co, points)
-        check_finite(part, f"edges from {next_layer} into {layer}")
+        check_finite(part, what)
         return Sum(f_hat.shape[0] * f_hat.shape[1], part.cpu().numpy())
     ln = _ln_step(model, layer, next_layer, method)
     if ln is not None:
-        for batch in _batches(inputs, batch_size):
-            with torch.no_grad():
-                f_hat = model.activations(batch, [layer])[layer] @ Ci
-            rows = f_hat.reshape(-1, f_hat.shape[-1])
-            lp = ln_parts(ln, rows @ Cip, points)  # evaluated at the projected inputs
-            part = edges_ln(lp, rows, Cip, Co)
-            check_finite(part, f"edges from {next_layer} into {layer}")
-            total = part if total is None else total + part
-            count += f_hat.shape[0] * f_hat.shape[1]
-        assert total is not None
-        return Sum(count, total.cpu().numpy())
+        def ln_part(x: Tensor) -> Tensor:
+            rows = (x @ Ci).reshape(-1, Ci.shape[1])
+            return edges_ln(ln_parts(ln, rows @ Cip, points), rows, Cip, Co)  # at x̂ = f̂ C⁺
+
+        return _sum_batches(model, inputs, layer, batch_size, ln_part, what)
     T = int(inputs.shape[1])  # token positions (used only for a transformer's attention)
     fast = _attention(model, layer, next_layer, method, T, Ci.shape[1], Co.shape[1])
     if fast is not None and sources is None:
         att, chunk = fast
         maps = attention_maps(att, Co, left=Cip)
-        for batch in _batches(inputs, min(batch_size, chunk)):
-            with torch.no_grad():
-                f_hat = model.activations(batch, [layer])[layer] @ Ci
-            part = edges_attention(maps, f_hat, Cip, points)
-            check_finite(part, f"edges from {next_layer} into {layer}")
-            total = part if total is None else total + part
-            count += f_hat.shape[0] * f_hat.shape[1]
-        assert total is not None
-        return Sum(count, total.cpu().numpy())
+        return _sum_batches(model, inputs, layer, min(batch_size, chunk),
+                            lambda x: edges_attention(maps, x @ Ci, Cip, points), what)
 
     def fn_hat(z: Tensor) -> Tensor:
         return model.run(z @ Cip, layer, next_layer) @ Co
 
-    start = offset
+    total, count, start = None, 0, offset
     sub = _sub_batch(model, layer, next_layer, inputs, batch_size, len(points), budget)
     for batch in _batches(inputs, sub):
         with torch.no_grad():
