@@ -10,7 +10,8 @@ Selection (``data`` of kind ``text``, docs/jobs.md):
    end-of-text token, and all joined into one stream;
 4. the stream cut into sequences of ``n_ctx`` tokens (the remainder dropped); the first
    ``n_samples`` sequences are the data set, and their label is the token that follows each
-   sequence in the stream (end-of-text after the last).
+   sequence in the stream (end-of-text after the last). Documents are read lazily and only
+   until those sequences are complete.
 
 The sequences are cached as ``.npy`` files named by a hash of everything above (the
 tokenizer's vocabulary included, and a local file's size and modification time), written
@@ -91,7 +92,7 @@ def _tokenizer_id(tok: Any) -> str:
 
 
 def cache_key(spec: Any, tokenizer_id: str) -> str:
-    fields = spec.model_dump(exclude={"cache_dir", "n_samples", "jacobian_samples"})
+    fields = spec.model_dump(exclude={"cache_dir", "jacobian_samples"})
     p = Path(spec.path).expanduser()
     stamp = [p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else None
     blob = json.dumps({"spec": fields, "tokenizer": tokenizer_id, "file": stamp},
@@ -110,12 +111,17 @@ def _pack(spec: Any, tok: Any) -> tuple[np.ndarray, np.ndarray]:
     if spec.documents is not None:
         ds = ds.select(range(min(spec.documents, len(ds))))
     eos = tok.eos_token_id if tok is not None else None
+    # read documents lazily, and only until the sequences asked for (and the token after the
+    # last of them) are there: a hub corpus is far longer than a job needs
+    need = None if spec.n_samples is None else spec.n_samples * spec.n_ctx + 1
     stream: list[int] = []
-    for doc in ds[col]:
-        ids = list(doc) if spec.tokens_column else tok(doc)["input_ids"]
-        stream.extend(ids)
-        if eos is not None:
-            stream.append(eos)
+    for rows in ds.iter(batch_size=256):
+        for doc in rows[col]:
+            stream.extend(list(doc) if spec.tokens_column else tok(doc)["input_ids"])
+            if eos is not None:
+                stream.append(eos)
+        if need is not None and len(stream) >= need:
+            break
     n = len(stream) // spec.n_ctx
     arr = np.asarray(stream, dtype=np.int64)
     seqs = arr[: n * spec.n_ctx].reshape(n, spec.n_ctx)

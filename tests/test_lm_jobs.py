@@ -126,6 +126,9 @@ def test_text_selection_packing_and_cache(tmp_path):
     assert pre.inputs.flatten().tolist() == joined[: len(joined) // 8 * 8]
     with pytest.raises(TextDataError, match="asked for"):
         text_dataset(spec.model_copy(update={"n_samples": 10_000}), str(MODEL))
+    # with n_samples, reading stops once those sequences (and the next token) are there
+    first = text_dataset(spec.model_copy(update={"n_samples": 3}), str(MODEL))
+    assert torch.equal(first.inputs, ds.inputs[:3]) and torch.equal(first.labels, ds.labels[:3])
 
 
 def _one_line(res, *needles) -> None:
