@@ -146,39 +146,51 @@ class RayBackend:
         # each worker holds up to DEPTH shards, so the next is queued while the driver keeps
         # the last one's partial (the order of results never matters: sums are by shard id)
         idle = list(range(len(self.workers))) * DEPTH
-        t0, samples, computed = time.perf_counter(), 0, 0
         unkept: list[int] = []  # computed, not yet kept in the store
-        while todo or in_flight:
-            while todo and idle:
-                w, s = idle.pop(), todo.pop()
-                ref = getattr(self.workers[w], method).remote(shards[s], *refs)
-                in_flight[ref] = (w, s)
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            for ref in ready:
-                w, s = in_flight.pop(ref)
-                idle.append(w)
-                try:
-                    done[s] = ray.get(ref)
-                    check_partial(done[s], f"{phase}, shard {s} {shards[s]}")
+        t0, samples, computed = time.perf_counter(), 0, 0
+        try:
+            while todo or in_flight:
+                while todo and idle:
+                    w, s = idle.pop(), todo.pop()
+                    ref = getattr(self.workers[w], method).remote(shards[s], *refs)
+                    in_flight[ref] = (w, s)
+                ready, _ = ray.wait(list(in_flight), num_returns=1)
+                for ref in ready:
+                    w, s = in_flight.pop(ref)
+                    idle.append(w)
+                    done[s] = self._result(ref, phase, s, shards[s])
                     unkept.append(s)
                     samples += shards[s][1] - shards[s][0]
                     computed += 1
-                except ray.exceptions.RayTaskError as exc:
-                    cause = exc.cause if exc.cause is not None else exc
-                    raise WorkerError(f"{phase}, shard {s} {shards[s]}: "
-                                      f"{type(cause).__name__}: {cause}") from None
-                except ray.exceptions.RayActorError as exc:
-                    raise WorkerError(f"{phase}, shard {s} {shards[s]}: worker died and "
-                                      f"could not be restarted ({type(exc).__name__})") from None
-            elapsed = time.perf_counter() - t0
-            if cache is not None and (todo or in_flight) and elapsed >= self.keep_after:
-                for s in unkept:
-                    cache.save_partial(phase, s, done[s])
-                unkept.clear()
-            rate = samples / elapsed if elapsed > 0 else 0.0
-            self.report(Event(self.job_name, phase, len(done), len(shards), elapsed, rate,
-                              rate * self.tokens_per_sample, computed))
+                elapsed = time.perf_counter() - t0
+                if cache is not None and (todo or in_flight) and elapsed >= self.keep_after:
+                    for s in unkept:
+                        cache.save_partial(phase, s, done[s])
+                    unkept.clear()
+                rate = samples / elapsed if elapsed > 0 else 0.0
+                self.report(Event(self.job_name, phase, len(done), len(shards), elapsed, rate,
+                                  rate * self.tokens_per_sample, computed))
+        except BaseException:
+            for ref in in_flight:  # queued shards would otherwise be retried on dying actors
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref)
+            raise
         return done
+
+    @staticmethod
+    def _result(ref: Any, phase: str, s: int, shard: tuple[int, int]) -> Any:
+        """A shard's partial, checked finite; a worker's failure as one :class:`WorkerError`."""
+        try:
+            partial = ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if exc.cause is not None else exc
+            raise WorkerError(f"{phase}, shard {s} {shard}: {type(cause).__name__}: "
+                              f"{cause}") from None
+        except ray.exceptions.RayActorError as exc:
+            raise WorkerError(f"{phase}, shard {s} {shard}: worker died and could not be "
+                              f"restarted ({type(exc).__name__})") from None
+        check_partial(partial, f"{phase}, shard {s} {shard}")
+        return partial
 
     def gram(self, layers: list[str]):
         return self._map("gram", "gram", layers)
