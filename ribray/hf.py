@@ -239,17 +239,3 @@ def remote_parts(job: Any) -> list[str]:
     if getattr(job.data, "kind", "") == "text" and path and not is_local(path):
         out.append(f"data {path}")
     return out
-
-
-def n_ctx(model: nn.Module) -> int:
-    """The longest context the model takes."""
-    cfg = model.config
-    return int(getattr(cfg, "n_positions", None) or cfg.max_position_embeddings)
-
-
-def model_dir_problem(path: str) -> str | None:
-    """Why a local path cannot be a model folder (None for hub names and folders)."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        return f"{path}: a file; a Hugging Face model is a folder (or a hub name)"
-    return None

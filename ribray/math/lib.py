@@ -112,12 +112,19 @@ def _sub_batch(model: SequentialModel, layer: str, target: str, inputs: Tensor,
     return max(1, min(batch_size, budget // max(1, per)))
 
 
-def _signs(sources: Sources | None, start: int, n: int, t_out: int) -> Tensor | None:
-    """The ±1 sources of samples start..start+n, or None (exact) without sources or with a
-    single output position (where they change nothing: φ² = 1)."""
-    if sources is None or t_out == 1:
+def _signs(sources: Sources | None, start: int, x: Tensor, model: SequentialModel, layer: str,
+           target: str) -> Tensor | None:
+    """The ±1 sources of the samples start, start+1, ... of the batch ``x`` (activations at
+    ``layer``), or None (exact) without sources or with a single output position (where they
+    change nothing: φ² = 1). The section runs on one sample to learn its output positions,
+    only when there are sources."""
+    if sources is None:
         return None
-    return source_signs(sources.seed, torch.arange(start, start + n), sources.r, t_out)
+    with torch.no_grad():
+        t_out = model.run(x[:1], layer, target).shape[1]
+    if t_out == 1:
+        return None
+    return source_signs(sources.seed, torch.arange(start, start + len(x)), sources.r, t_out)
 
 
 #: the most memory one sample's attention terms may take for the by-parts path (bytes)
@@ -230,7 +237,7 @@ def m_partial(model: SequentialModel, inputs: Tensor, layer: str, target: str,
     for batch in _batches(inputs, sub):
         with torch.no_grad():
             x = model.activations(batch, [layer])[layer]
-        signs = _signs(sources, start, len(batch), model.run(x[:1], layer, target).shape[1])
+        signs = _signs(sources, start, x, model, layer, target)
         start += len(batch)
         M = m_stream(integrated_gradients(fn, x, points, signs))
         part = (np.zeros((x.shape[-1],) * 2) if M is None else M
@@ -284,7 +291,7 @@ def edge_partial(model: SequentialModel, inputs: Tensor, layer: str, next_layer:
         with torch.no_grad():
             x = model.activations(batch, [layer])[layer]
         f_hat = x @ Ci
-        signs = _signs(sources, start, len(batch), model.run(x[:1], layer, next_layer).shape[1])
+        signs = _signs(sources, start, x, model, layer, next_layer)
         start += len(batch)
         part = edges_stream(integrated_gradients(fn_hat, f_hat, points, signs), f_hat,
                             Co.shape[1]) / (1 if signs is None else signs.shape[1])

@@ -23,8 +23,6 @@ Biases are folded onto the constant, as everywhere in :mod:`ribray.math.sequenti
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -161,7 +159,3 @@ class LmMlpIn(Step):
         B = torch.zeros(m, self.d_out, dtype=W.dtype, device=W.device)
         B[:, d: d + m] = torch.eye(m, dtype=W.dtype, device=W.device)
         return Parts(P, A, B, self.act)
-
-
-def default_scale(d_head: int) -> float:
-    return 1.0 / math.sqrt(d_head)
