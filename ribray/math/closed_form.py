@@ -136,14 +136,15 @@ def edges_closed(parts: Parts, f_hat: Tensor, C_in_pinv: Tensor, C_out: Tensor,
     E = torch.zeros(k_out, k_in, dtype=torch.float64, device=f.device)
     b = max(1, min(k_in, block_elements // max(1, m * k_out)))  # W: (m, b, k_out)
     rows = max(1, block_elements // (b * k_out))  # Ĵ: (rows, b, k_out)
-    f2 = f * f
     for j0 in range(0, k_in, b):
         j = slice(j0, min(k_in, j0 + b))
         W = (U[j].T.unsqueeze(-1) * V.unsqueeze(1)).reshape(m, -1)  # W[:, j, i] = U_jk V_ki
+        sQ = (s * Q[j]).reshape(1, -1)
         for r0 in range(0, N, rows):
             r = slice(r0, min(N, r0 + rows))
-            jac = (G[r] @ W).reshape(-1, j.stop - j0, k_out) + s * Q[j]  # Ĵ_r[j, :]
-            E[:, j] += _f64(torch.einsum("rjk,rj->kj", jac * jac, f2[r, j]))
+            jac = torch.addmm(sQ, G[r], W).view(-1, j.stop - j0, k_out)  # Ĵ_r[j, :]
+            jac.mul_(f[r, j, None]).square_()  # (f_rj Ĵ_rji)², in place
+            E[:, j] += _f64(jac.sum(0)).T
     return E
 
 
@@ -153,19 +154,21 @@ def edges_closed(parts: Parts, f_hat: Tensor, C_in_pinv: Tensor, C_out: Tensor,
 class AttentionTerms(NamedTuple):
     """The integrated Jacobian of one attention step's output features, by parts:
 
-        J[b, t, s] = δ(s = pos t) (LPC + LWQ · ZOC[:, b, t])              (queries, residual)
-                     + Σ_h A[b, h, t, s] LVOC[h]                          (values)
-                     + Σ_g La[b, g, t] ⊗ u[b, g, t, s]                    (keys)
+        J[b, t, s] = δ(s = pos t) (LPC + Σ_{g,s'} Lk[b,g,s'] ⊗ u[b,g,t,s'])  (residual, queries)
+                     + Σ_h A[b, h, t, s] LVOC[h]                            (values)
+                     + Σ_g La[b, g, t] ⊗ u[b, g, t, s]                      (keys)
 
     each (k_left, k_out). ``g`` runs over (integration point, head) pairs, the point's weight
-    folded into ``u``; ``A`` and ``ZOC`` are already integrated (weighted sums over points)."""
+    folded into ``u``; ``A`` is already integrated (a weighted sum over points). The query part
+    of a query t is the sum of G·T rank-one terms (one per head, point and key), never the
+    (H·dh)-wide product W_Q Z W_O' C: for the short contexts this path serves (one sample's
+    terms within the budget) G·T is the smaller inner dimension."""
 
     LPC: Tensor  # (k_left, k_out)
-    LWQ: Tensor  # (k_left, H·dh)
-    ZOC: Tensor  # (H·dh, B, Tq, k_out)
     A: Tensor  # (B, H, Tq, T)
     LVOC: Tensor  # (H, k_left, k_out)
     La: Tensor  # (B, G, Tq, k_left)
+    Lk: Tensor  # (B, G, T, k_left)
     u: Tensor  # (B, G, Tq, T, k_out)
     qpos: list[int]
 
@@ -174,11 +177,14 @@ class AttentionTerms(NamedTuple):
         t, s = torch.arange(len(self.qpos)), torch.tensor(self.qpos)
         return self.A[:, :, t, s], self.u[:, :, t, s]
 
-    def Jd(self) -> Tensor:
-        """LPC + LWQ · ZOC, the query and residual part: (k_left, B, Tq, k_out)."""
-        H_dh, B, Tq, k = self.ZOC.shape
-        return (self.LWQ @ self.ZOC.reshape(H_dh, -1)).reshape(-1, B, Tq, k) + \
-            self.LPC[:, None, None, :]
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """The query part Q[b, t] = X[b, t]ᵀ Y[b, t] as batched factors over the rows
+        (b, t): X (B·Tq, G·T, k_left) (Lk, the same for every query of a sample) and
+        Y (B·Tq, G·T, k_out) (u)."""
+        B, G, Tq, T, k = self.u.shape
+        X = self.Lk.unsqueeze(1).expand(B, Tq, G, T, -1).reshape(B * Tq, G * T, -1)
+        Y = self.u.permute(0, 2, 1, 3, 4).reshape(B * Tq, G * T, k)
+        return X, Y
 
 
 class AttentionMaps(NamedTuple):
@@ -193,7 +199,7 @@ class AttentionMaps(NamedTuple):
     LPC: Tensor  # (k_left, k_out)
     LVOC: Tensor  # (H, k_left, k_out)
     LWK: Tensor  # (H, k_left, dh)
-    LWQ: Tensor  # (k_left, H·dh)
+    LWQ: Tensor  # (H, k_left, dh)
     last_pos_only: bool
 
 
@@ -215,12 +221,12 @@ def attention_maps(att: Attention, C_out: Tensor, left: Tensor | None = None,
         WQ.to(dt), WK.to(dt), WV.to(dt), OC.to(dt), (L @ P @ C).to(dt),
         torch.einsum("ld,hdq,hqk->hlk", L, WV, OC).to(dt),
         torch.einsum("ld,hdq->hlq", L, WK).to(dt),
-        torch.einsum("ld,hdq->lhq", L, WQ).reshape(L.shape[0], H * dh).to(dt),
+        torch.einsum("ld,hdq->hlq", L, WQ).to(dt),
         att.last_pos_only)
 
 
 def _attention_point(mp: AttentionMaps, z: Tensor) -> tuple[Tensor, ...]:
-    """One point's (ZOC, A, La, u, qpos) at input ``z`` (B, T, d+1), in the maps' dtype.
+    """One point's (A, La, Lk, u, qpos) at input ``z`` (B, T, d+1), in the maps' dtype.
 
     Per sample and head, with queries q_t, keys k_s, values v_s (biases folded), pattern A,
     head outputs o_t = Σ_s A_ts v_s, ṽ_ts = v_s − o_t and W_O' = [W_O, 0]:
@@ -228,15 +234,15 @@ def _attention_point(mp: AttentionMaps, z: Tensor) -> tuple[Tensor, ...]:
     * residual and constant (s = t):  P C, P passing the residual and adding b_O;
     * values:                          A_ts · W_V W_O' C;
     * keys (through the scores):       (W_K q_t / √d_head) ⊗ (A_ts ṽ_ts W_O' C);
-    * queries (s = t):                 W_Q Z_t W_O' C,  Z_t = Σ_s A_ts k_s ⊗ ṽ_ts / √d_head;
+    * queries (s = t):                 Σ_s' (W_Q k_s' / √d_head) ⊗ (A_ts' ṽ_ts' W_O' C);
 
-    each left-multiplied by L.
+    each left-multiplied by L: La = L W_K q / √d_head, Lk = L W_Q k / √d_head and
+    u = A ṽ W_O' C.
     """
     H, _, dh = mp.WQ.shape
     z = z.to(mp.WQ.dtype)
     B, T, _ = z.shape
     qpos = [T - 1] if mp.last_pos_only else list(range(T))
-    Tq = len(qpos)
     q = torch.einsum("bpd,hdq->bhpq", z[:, qpos], mp.WQ)
     k = torch.einsum("bpd,hdq->bhpq", z, mp.WK)
     v = torch.einsum("bpd,hdq->bhpq", z, mp.WV)
@@ -249,56 +255,57 @@ def _attention_point(mp: AttentionMaps, z: Tensor) -> tuple[Tensor, ...]:
     vt = v.unsqueeze(2) - o.unsqueeze(3)  # ṽ: (B, H, Tq, T, dh)
     u = A.unsqueeze(-1) * torch.einsum("bhtsq,hqk->bhtsk", vt, mp.OC)
     La = torch.einsum("hlq,bhtq->bhtl", mp.LWK, q) * scale
-    Z = torch.einsum("bhts,bhsq,bhtsr->bhtqr", A, k, vt) * scale
-    Zp = Z.permute(1, 3, 0, 2, 4).reshape(H, dh, B * Tq, dh)  # Z[b,h,t,q,r] at [h,q,bt,r]
-    ZOC = torch.matmul(Zp, mp.OC.unsqueeze(1)).reshape(H * dh, B, Tq, -1)
-    return ZOC, A, La, u, qpos
+    Lk = torch.einsum("hlq,bhsq->bhsl", mp.LWQ, k) * scale
+    return A, La, Lk, u, qpos
 
 
 def attention_terms(mp: AttentionMaps, z: Tensor, points: list[Point]) -> AttentionTerms:
     """:class:`AttentionTerms` of Σ_α w_α J(α z) (the whole input scaled, as in eq. 11), in
     the maps' dtype. The constant coordinate is an ordinary input, as in the exact path."""
-    ZOC = A = None
-    Las, us = [], []
+    A = None
+    Las, Lks, us = [], [], []
     for pt in points:
-        zoc, a, la, u, qpos = _attention_point(mp, pt.alpha * z)
+        a, la, lk, u, qpos = _attention_point(mp, pt.alpha * z)
         if pt.weight != 1.0:
-            zoc, a, u = zoc * pt.weight, a * pt.weight, u * pt.weight
-        ZOC = zoc if ZOC is None else ZOC + zoc
+            a, u = a * pt.weight, u * pt.weight
         A = a if A is None else A + a
         Las.append(la)
+        Lks.append(lk)
         us.append(u)
-    assert ZOC is not None and A is not None
+    assert A is not None
     LPC = mp.LPC * sum(pt.weight for pt in points)
-    return AttentionTerms(LPC, mp.LWQ, ZOC, A, mp.LVOC, torch.cat(Las, 1), torch.cat(us, 1),
-                          qpos)
+    return AttentionTerms(LPC, A, mp.LVOC, torch.cat(Las, 1), torch.cat(Lks, 1),
+                          torch.cat(us, 1), qpos)
 
 
 def attention_bytes_per_sample(att: Attention, T: int, k_left: int, k_out: int) -> int:
-    """Memory of the largest per-sample term: the query part (k_left or H·dh by k_out per
-    query), or u of all heads."""
+    """Memory of the largest per-sample term: the query part Q (k_left by k_out per query),
+    u and the factors (heads·T by k_out or k_left per query), or their Gram (heads·T)²."""
     Tq = 1 if att.last_pos_only else T
     H, dh, itemsize = att.W_Q.shape[0], att.W_Q.shape[2], att.W_Q.element_size()
-    return itemsize * Tq * max(max(k_left, H * dh) * k_out, H * T * max(k_out, dh))
+    HT = H * T
+    return itemsize * Tq * max(k_left * k_out, HT * max(k_left, k_out, dh), HT * HT)
 
 
 def m_attention(mp: AttentionMaps, z: Tensor, points: list[Point]) -> Tensor:
-    """Σ_{b, t, s} J Jᵀ (d_in, d_in), float64, from :func:`attention_terms`, never forming J.
-    With J = Jd δ + V + K (query/residual, value and key parts as in :class:`AttentionTerms`)
-    and W = LWQ:
+    """Σ_{b, t, s} J Jᵀ (d_in, d_in), float64, from :func:`attention_terms`, never forming J
+    at every position. With J = D δ + V + K (residual/query, value and key parts as in
+    :class:`AttentionTerms`), D = LPC + Q, Q = Xᵀ Y (:meth:`AttentionTerms.factors`):
 
     * Σ (V + K)(V + K)ᵀ = Σ_{h,h'} (Σ A_h A_h') LVOC_h LVOC_h'ᵀ + VK + VKᵀ + Σ La U La ᵀ,
       VK = Σ_h LVOC_h Σ A_h u_g ⊗ La_g,  U[g, g'] = Σ_s u_g · u_g';
-    * Σ Jd Jdᵀ = N LPC LPCᵀ + LPC (Σ ZOC)ᵀ Wᵀ + its transpose + W (Σ ZOC ZOCᵀ) Wᵀ;
-    * Σ Jd (V + K)ᵀ at the own position, and its transpose, from weighted sums of ZOC.
+    * Σ D Dᵀ = N LPC LPCᵀ + LPC (Σ Q)ᵀ + its transpose + Σ Xᵀ (Y Yᵀ) X;
+    * Σ D (V + K)ᵀ at the own position, and its transpose: Σ_h (Σ A_own,h D) LVOC_hᵀ and
+      Σ_g (D u_own,g) ⊗ La_g, with D formed per query (k_left by k_out).
 
-    The one large product is Σ ZOC ZOCᵀ: (H·dh)² by B·Tq·k_out."""
+    The largest products are Σ Xᵀ (Y Yᵀ) X, k_left² by B·Tq·G·T, and forming D."""
     if mp.OC.shape[-1] == 0:  # a next layer that kept no feature
-        return torch.zeros(mp.LWQ.shape[0], mp.LWQ.shape[0], dtype=torch.float64,
+        return torch.zeros(mp.LPC.shape[0], mp.LPC.shape[0], dtype=torch.float64,
                            device=z.device)
     tm = attention_terms(mp, z, points)
-    A, LVOC, La, u, W, LPC = tm.A, tm.LVOC, tm.La, tm.u, tm.LWQ, tm.LPC
-    M = torch.zeros(W.shape[0], W.shape[0], dtype=torch.float64, device=z.device)
+    A, LVOC, La, u, LPC = tm.A, tm.LVOC, tm.La, tm.u, tm.LPC
+    kl = LPC.shape[0]
+    M = torch.zeros(kl, kl, dtype=torch.float64, device=z.device)
     # values and keys, every position
     c = torch.einsum("bhts,bgts->hg", A, A)
     M += _f64(torch.einsum("hlk,hmk->lm", LVOC, torch.einsum("hg,gmk->hmk", c, LVOC)))
@@ -307,20 +314,22 @@ def m_attention(mp: AttentionMaps, z: Tensor, points: list[Point]) -> Tensor:
     M += VK + VK.T
     U = torch.einsum("bgtsk,bftsk->btgf", u, u)
     M += _f64(torch.einsum("bgtl,btgf,bftm->lm", La, U, La))
-    # queries and residual at the own position
-    ZOC = tm.ZOC.reshape(tm.ZOC.shape[0], -1, tm.ZOC.shape[-1])  # (H·dh, B·Tq, k)
-    n = ZOC.shape[1]
-    Zs = ZOC.sum(1)  # (H·dh, k)
-    Zf = ZOC.reshape(ZOC.shape[0], -1)
-    DD = n * (LPC @ LPC.T) + LPC @ Zs.T @ W.T
-    M += _f64(DD + DD.T - n * (LPC @ LPC.T)) + _f64(W @ (Zf @ Zf.T) @ W.T)
+    # the residual and queries at the own position: D = LPC + Xᵀ Y per query
+    X, Y = tm.factors()  # (N, G·T, k_left), (N, G·T, k_out)
+    N = X.shape[0]
+    D = torch.bmm(X.transpose(1, 2), Y)  # Q: (N, k_left, k_out)
+    P = torch.bmm(X.transpose(1, 2), torch.bmm(Y, Y.transpose(1, 2)))  # Xᵀ Y Yᵀ
+    QQ = P.permute(1, 0, 2).reshape(kl, -1) @ X.reshape(-1, kl)
+    LQ = LPC @ D.sum(0).T
+    M += _f64(N * (LPC @ LPC.T) + LQ + LQ.T + QQ)
+    D += LPC
     # their cross terms with the values and keys at the own position
     A_own, u_own = tm.own()  # (B, H, Tq), (B, G, Tq, k)
-    Y = torch.einsum("bht,qbtk->hqk", A_own, tm.ZOC)  # Σ_bt A_own,h ZOC
-    cross = LPC @ torch.einsum("h,hlk->kl", A_own.sum((0, 2)), LVOC)
-    cross += W @ torch.einsum("hqk,hlk->ql", Y, LVOC)
-    cross += LPC @ torch.einsum("bgtk,bgtl->kl", u_own, La)
-    cross += W @ torch.einsum("qbtk,bgtk,bgtl->ql", tm.ZOC, u_own, La)
+    H, G = A_own.shape[1], u_own.shape[1]
+    S = A_own.permute(1, 0, 2).reshape(H, N) @ D.reshape(N, -1)  # Σ A_own,h D: (H, kl·k)
+    cross = torch.einsum("hlk,hmk->lm", S.reshape(H, kl, -1), LVOC)
+    Du = torch.bmm(D, u_own.permute(0, 2, 3, 1).reshape(N, -1, G))  # D u_own,g: (N, kl, G)
+    cross += Du.permute(1, 0, 2).reshape(kl, -1) @ La.permute(0, 2, 1, 3).reshape(N * G, kl)
     cross = _f64(cross)
     M += cross + cross.T
     return M
@@ -332,16 +341,29 @@ def edges_attention(mp: AttentionMaps, f_hat: Tensor, C_in_pinv: Tensor,
     ``f_hat``: (B, T, k_in); the Jacobian Ĵ is taken with respect to the features at
     ``f_hat @ C_in⁺``, and ``mp`` must be formed with ``left = C_in⁺``:
 
-        a = f[b, pos t, j] Jd[j,b,t,i] + Σ_h (Σ_s f_bsj A_h) LVOC_h[j,i]
-            + Σ_g La_g[j] (Σ_s f_bsj u_g[i])"""
+        a = f[b, pos t, j] LPC[j, i] + Σ_h (Σ_s f_bsj A_h) LVOC_h[j, i]
+            + Σ_{g,s} (f[b, pos t, j] Lk_g,s[j] + La_g[j] f_bsj) u_g,s[i]
+
+    the first two as one product batched over j, the last as one batched over (b, t) with
+    inner dimension G·T."""
     if mp.OC.shape[-1] == 0:  # a next layer that kept no feature
         return torch.zeros(0, f_hat.shape[-1], dtype=torch.float64, device=f_hat.device)
     f = f_hat.to(mp.WQ.dtype)
     tm = attention_terms(mp, f @ C_in_pinv.to(f.dtype), points)
-    a = f[:, tm.qpos].permute(2, 0, 1).unsqueeze(-1) * tm.Jd()  # (j, b, t, i)
-    a += torch.einsum("bhtj,hji->jbti", torch.einsum("bsj,bhts->bhtj", f, tm.A), tm.LVOC)
-    a += torch.einsum("bgtj,bsj,bgtsi->jbti", tm.La, f, tm.u)
-    return _f64((a * a).sum(dim=(1, 2))).T
+    B, G, Tq, T, k = tm.u.shape
+    kl = f.shape[-1]
+    f_own = f[:, tm.qpos]  # (B, Tq, kl)
+    # keys and queries: Λ[b, t, (g, s), j] against Y[b, t, (g, s), i]
+    lam = (f_own[:, :, None, None, :] * tm.Lk[:, None]
+           + tm.La.permute(0, 2, 1, 3)[:, :, :, None, :] * f[:, None, None, :, :])
+    _, Y = tm.factors()
+    a = torch.bmm(lam.reshape(B * Tq, G * T, kl).transpose(1, 2), Y)  # (B·Tq, kl, k)
+    # values and the residual: batched over j
+    F = torch.einsum("bsj,bhts->jbth", f, tm.A).reshape(kl, B * Tq, -1)
+    F = torch.cat([F, f_own.permute(2, 0, 1).reshape(kl, B * Tq, 1)], dim=2)
+    LV = torch.cat([tm.LVOC.permute(1, 0, 2), tm.LPC[:, None, :]], dim=1)  # (kl, H+1, k)
+    a += torch.bmm(F, LV).permute(1, 0, 2)
+    return _f64(a.square_().sum(0)).T
 
 
 # --- layer-norm halves ------------------------------------------------------------------------
