@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from threadpoolctl import threadpool_limits
 
 from ribray import pipeline
 from ribray.build import (
@@ -249,6 +250,17 @@ def check_partial(partial: Any, what: str) -> None:
             raise FloatingPointError(f"non-finite values in the partial sums of {what}")
 
 
+def driver_threads(where: list[dict[str, Any]], cpus_per_worker: float,
+                   cpu_count: int | None = None) -> int:
+    """BLAS and OpenMP threads for the driver's own math (reductions, eigendecompositions)
+    while the workers run: the CPUs of the driver's node that no worker on it holds, at least
+    one. Idle BLAS threads wait spinning for a while after each call; on a node whose cores
+    the workers hold, they would take those cores from the workers."""
+    here = ray.get_runtime_context().get_node_id()
+    held = sum(cpus_per_worker for w in where if w["node"] == here)
+    return max(1, int((cpu_count or os.cpu_count() or 1) - held))
+
+
 def connect(address: str | None, dashboard: bool = True) -> None:
     """Connect to Ray: the given cluster, or a new local instance (dashboard on 127.0.0.1)."""
     if ray.is_initialized():
@@ -452,12 +464,13 @@ def _run(job: JobSpec, out: Where, address: str | None, overwrite: bool, dashboa
                                  keep_after=job.ray.keep_partials_after_s,
                                  jacobian_shards=jac_shards, job_name=job.name,
                                  tokens_per_sample=tokens)
-            timings = pipeline.run(backend, list(job.basis.node_layers), info["widths"],
-                                   basis_settings(job), writer, log)
-            if job.features is not None:
-                t_f = time.perf_counter()
-                _feature_examples(job, backend, writer, info["data"].inputs, log)
-                timings["features"] = time.perf_counter() - t_f
+            with threadpool_limits(driver_threads(where, job.ray.cpus_per_worker)):
+                timings = pipeline.run(backend, list(job.basis.node_layers), info["widths"],
+                                       basis_settings(job), writer, log)
+                if job.features is not None:
+                    t_f = time.perf_counter()
+                    _feature_examples(job, backend, writer, info["data"].inputs, log)
+                    timings["features"] = time.perf_counter() - t_f
         finally:
             report.close()
         timings["preflight"] = t_pre - t_start

@@ -219,6 +219,19 @@ def test_autoscaling_takes_the_worker_count_as_given(ray_local, small_transforme
     assert result_hash(job.model_dump()) == result_hash(plain.model_dump())
 
 
+def test_driver_threads_leave_the_workers_cores_alone(ray_local):
+    """The driver's BLAS threads get the CPUs of its node that no worker there holds."""
+    import ray
+
+    from ribray.orchestrate import driver_threads
+
+    here = ray.get_runtime_context().get_node_id()
+    assert driver_threads([{"node": here}] * 2, 1.0, cpu_count=2) == 1  # all held: one
+    assert driver_threads([{"node": here}], 2.0, cpu_count=8) == 6
+    assert driver_threads([{"node": "elsewhere"}] * 4, 1.0, cpu_count=8) == 8
+    assert driver_threads([], 1.0, cpu_count=3) == 3
+
+
 def test_nan_stops_the_job_and_marks_the_store_failed(ray_local, small_transformer_ckpt,
                                                       tmp_path):
     obj = torch.load(small_transformer_ckpt, weights_only=True)
