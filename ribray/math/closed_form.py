@@ -198,6 +198,7 @@ class AttentionMaps(NamedTuple):
     OC: Tensor  # W_O' C: (H, dh, k_out)
     LPC: Tensor  # (k_left, k_out)
     LVOC: Tensor  # (H, k_left, k_out)
+    LWV: Tensor  # (H, k_left, dh): LVOC[h] = LWV[h] OC[h]
     LWK: Tensor  # (H, k_left, dh)
     LWQ: Tensor  # (H, k_left, dh)
     last_pos_only: bool
@@ -220,6 +221,7 @@ def attention_maps(att: Attention, C_out: Tensor, left: Tensor | None = None,
     return AttentionMaps(
         WQ.to(dt), WK.to(dt), WV.to(dt), OC.to(dt), (L @ P @ C).to(dt),
         torch.einsum("ld,hdq,hqk->hlk", L, WV, OC).to(dt),
+        torch.einsum("ld,hdq->hlq", L, WV).to(dt),
         torch.einsum("ld,hdq->hlq", L, WK).to(dt),
         torch.einsum("ld,hdq->hlq", L, WQ).to(dt),
         att.last_pos_only)
@@ -287,6 +289,11 @@ def attention_bytes_per_sample(att: Attention, T: int, k_left: int, k_out: int) 
     return itemsize * Tq * max(k_left * k_out, HT * max(k_left, k_out, dh), HT * HT)
 
 
+def _lvoc_times(mp: AttentionMaps, R: Tensor) -> Tensor:
+    """Σ_h LVOC[h] R[h] (k_left, n) for R (H, k_out, n), as Σ_h LWV[h] (OC[h] R[h])."""
+    return torch.einsum("hlq,hqn->ln", mp.LWV, torch.bmm(mp.OC, R))
+
+
 def m_attention(mp: AttentionMaps, z: Tensor, points: list[Point]) -> Tensor:
     """Σ_{b, t, s} J Jᵀ (d_in, d_in), float64, from :func:`attention_terms`, never forming J
     at every position. With J = D δ + V + K (residual/query, value and key parts as in
@@ -303,14 +310,15 @@ def m_attention(mp: AttentionMaps, z: Tensor, points: list[Point]) -> Tensor:
         return torch.zeros(mp.LPC.shape[0], mp.LPC.shape[0], dtype=torch.float64,
                            device=z.device)
     tm = attention_terms(mp, z, points)
-    A, LVOC, La, u, LPC = tm.A, tm.LVOC, tm.La, tm.u, tm.LPC
+    A, La, u, LPC = tm.A, tm.La, tm.u, tm.LPC
     kl = LPC.shape[0]
     M = torch.zeros(kl, kl, dtype=torch.float64, device=z.device)
-    # values and keys, every position
+    # values and keys, every position; products with LVOC[h] = LWV[h] OC[h] go through the
+    # d_head-wide factors (k_left² · d_head per head, not k_left² · k_out)
     c = torch.einsum("bhts,bgts->hg", A, A)
-    M += _f64(torch.einsum("hlk,hmk->lm", LVOC, torch.einsum("hg,gmk->hmk", c, LVOC)))
+    M += _f64(_lvoc_times(mp, torch.einsum("hg,glk->hkl", c, tm.LVOC)))  # Σ c LVOC LVOCᵀ
     Wv = torch.einsum("bhts,bgtsk->bhtgk", A, u)  # Σ_s A_h u_g
-    VK = _f64(torch.einsum("hlk,hkm->lm", LVOC, torch.einsum("bhtgk,bgtl->hkl", Wv, La)))
+    VK = _f64(_lvoc_times(mp, torch.einsum("bhtgk,bgtl->hkl", Wv, La)))
     M += VK + VK.T
     U = torch.einsum("bgtsk,bftsk->btgf", u, u)
     M += _f64(torch.einsum("bgtl,btgf,bftm->lm", La, U, La))
@@ -327,7 +335,7 @@ def m_attention(mp: AttentionMaps, z: Tensor, points: list[Point]) -> Tensor:
     A_own, u_own = tm.own()  # (B, H, Tq), (B, G, Tq, k)
     H, G = A_own.shape[1], u_own.shape[1]
     S = A_own.permute(1, 0, 2).reshape(H, N) @ D.reshape(N, -1)  # Σ A_own,h D: (H, kl·k)
-    cross = torch.einsum("hlk,hmk->lm", S.reshape(H, kl, -1), LVOC)
+    cross = _lvoc_times(mp, S.reshape(H, kl, -1).transpose(1, 2)).T  # Σ_h S_h LVOC_hᵀ
     Du = torch.bmm(D, u_own.permute(0, 2, 3, 1).reshape(N, -1, G))  # D u_own,g: (N, kl, G)
     cross += Du.permute(1, 0, 2).reshape(kl, -1) @ La.permute(0, 2, 1, 3).reshape(N * G, kl)
     cross = _f64(cross)
