@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from ribray import pipeline
 from ribray.math import basis as bases
 from ribray.math import jacobian as jac
 from ribray.math import lib, stability
@@ -14,6 +15,8 @@ from ribray.math.jacobian import integration_points
 from ribray.math.lib import Sources
 from ribray.math.models import Transformer, TransformerConfig
 from ribray.math.sequential import to_sequential
+from ribray.math.stability import ONE_SOURCE
+from ribray.shards import ComputeSettings, SerialBackend, ShardComputer
 
 PTS = integration_points("gradient", 0)
 
@@ -223,3 +226,63 @@ def test_the_error_estimate_shrinks_like_one_over_r():
 
     ratio = mean_var(2, 160) / mean_var(8, 48)
     assert 4 * 0.7 < ratio < 4 * 1.4, ratio
+
+
+LAYERS = ["ln1.0", "ln2.0", "unembed", "output"]
+
+
+def _pipeline(sources, shards, sink=None):
+    """The recursion over ln1.0 (attention, 5 positions), ln2.0 (the MLP's closed form) and
+    unembed, in this process, into ``sink`` (default: memory)."""
+    seq, tokens = _model(last_pos_only=False)
+    layers = LAYERS
+    settings = ComputeSettings(batch_size=8, basis_points=PTS, edge_points=PTS,
+                               sources=sources)
+    sink = sink if sink is not None else pipeline.MemorySink()
+    pipeline.run(SerialBackend(ShardComputer(seq, tokens, settings), shards), layers,
+                 {n: seq.width(n) for n in layers},
+                 pipeline.BasisSettings(kind="lib", threshold=1e-10, threshold_mode="relative",
+                                        rotate_final=False, compute_edges=True), sink)
+    return sink
+
+
+def test_the_recursion_reports_the_error_where_sources_are_in_effect():
+    """With R = 3: the attention layer and its edges get the sources' error, the same for one
+    shard or three (each sample's sources are its own; the sums differ only in round-off);
+    the MLP's closed form none. R = 1: the reason. No sources: nothing."""
+    one = _pipeline(Sources(3, 2), [(0, 24)])
+    three = _pipeline(Sources(3, 2), [(0, 5), (5, 11), (11, 24)])
+    for sink in (one, three):
+        assert sink.bases["ln2.0"].stochastic_error is None
+        assert sink.bases["unembed"].stochastic_error is None
+        assert sink.edge_attrs[("ln2.0", "unembed")] == {}
+    a, b = one.bases["ln1.0"].stochastic_error, three.bases["ln1.0"].stochastic_error
+    assert a["r"] == 3 and 0 < a["m_rel_error"] < 1 and len(a["top_lambda_rel_se"]) > 0
+    assert b["r"] == 3 and b["m_rel_error"] == pytest.approx(a["m_rel_error"], rel=1e-9)
+    np.testing.assert_allclose(b["top_lambda_rel_se"], a["top_lambda_rel_se"], rtol=1e-8)
+    ea, eb = one.edge_attrs[("ln1.0", "ln2.0")], three.edge_attrs[("ln1.0", "ln2.0")]
+    assert ea["sources_r"] == 3 and 0 < ea["edges_rel_error"] < 1
+    assert eb["edges_rel_error"] == pytest.approx(ea["edges_rel_error"], rel=1e-9)
+    single = _pipeline(Sources(1, 2), [(0, 11), (11, 24)])
+    assert single.bases["ln1.0"].stochastic_error == {"r": 1, "reason": ONE_SOURCE}
+    assert single.edge_attrs[("ln1.0", "ln2.0")] == {}
+    exact = _pipeline(None, [(0, 11), (11, 24)])
+    assert all(b.stochastic_error is None for b in exact.bases.values())
+    assert all(a == {} for a in exact.edge_attrs.values())
+
+
+def test_show_says_why_one_source_has_no_estimate(tmp_path):
+    """A store written with R = 1: ``show`` lists the layer with the stored reason."""
+    from typer.testing import CliRunner
+
+    from ribray.cli import app
+    from ribray.store import StoreWriter
+
+    w = StoreWriter(tmp_path / "s.zarr", {"config": {"name": "t"}, "node_layers": LAYERS,
+                                          "basis": "lib"})
+    _pipeline(Sources(1, 0), [(0, 24)], sink=w)
+    w.finish({})
+    res = CliRunner().invoke(app, ["show", str(tmp_path / "s.zarr")])
+    assert res.exit_code == 0, res.output
+    assert "Stochastic sources" in res.output and "needs r >= 2" in res.output
+    assert "rel. error (sources)" not in res.output

@@ -86,8 +86,9 @@ def jackknife(p: Pca, partials: dict[int, Sum], n_keep: int, top: int = 16
     return Stability(S, se, rel, float(max(worst)), float(np.median(worst)))
 
 
-#: why a layer with a single stochastic source has no error estimate (the stored reason)
-ONE_SOURCE = "needs r >= 2: one source gives no spread to estimate its error from"
+#: why a layer with a single stochastic source has no error estimate (the stored reason:
+#: one source gives no spread to estimate its error from)
+ONE_SOURCE = "needs r >= 2"
 
 
 @dataclass(frozen=True)
