@@ -258,12 +258,10 @@ def m_partial(model: SequentialModel, inputs: Tensor, layer: str, target: str,
 def _m_directions(grads: Iterator[Tensor], signs: Tensor | None, d: int, k_out: int
                   ) -> tuple[np.ndarray, np.ndarray | None]:
     """One batch's Σ g gᵀ (d, d) over the directions, divided by R with sources, and with
-    R ≥ 2 sources each source's own sum (R, d, d); zeros for no directions."""
-    if signs is None:
-        M = m_stream(grads)
-        return (np.zeros((d, d)) if M is None else M), None
-    r = int(signs.shape[1])
-    if r == 1:  # the one source's sum is the total itself: no second GEMM
+    R ≥ 2 sources each source's own sum (R, d, d); zeros for no directions. (With R = 1 the
+    one source's sum is the total itself: no second GEMM.)"""
+    r = 1 if signs is None else int(signs.shape[1])
+    if r == 1:
         M = m_stream(grads)
         return (np.zeros((d, d)) if M is None else M) / r, None
     M, per = m_stream_by_source(grads, r, k_out)
