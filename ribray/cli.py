@@ -337,16 +337,42 @@ def show(
                        f"{st['max_principal_angle_deg']:.1f} / "
                        f"{st['median_principal_angle_deg']:.1f}")
         out.print(ts)
+    _show_sources(s["layers"])
     if s["edges"]:
-        te = Table("edges", "shape", "ΣE", "max E")
+        has_err = any(e.get("edges_rel_error") is not None for e in s["edges"])
+        te = Table("edges", "shape", "ΣE", "max E", *(["rel. error (sources)"] if has_err
+                                                       else []))
         for e in s["edges"]:
+            err = e.get("edges_rel_error")
             te.add_row(escape(e["edge"]), "x".join(map(str, e["shape"])), f"{e['sum']:.6g}",
-                       f"{e['max']:.6g}")
+                       f"{e['max']:.6g}", *([("" if err is None else _pct(err))] if has_err
+                                            else []))
         out.print(te)
     if s["timings"]:
         out.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["timings"].items()))
     if s.get("analysis"):
         _show_analysis(s["analysis"])
+
+
+def _show_sources(layers: list[dict]) -> None:
+    """The stochastic sources' error of each layer that has one (``stochastic_error``)."""
+    rows = [(r["layer"], r["stochastic_error"]) for r in layers if r.get("stochastic_error")]
+    if not rows:
+        return
+    t = Table("layer", "r", "M rel. error", "top Λ s.e. (relative)",
+              title="Stochastic sources (spread between sources)")
+    for name, st in rows:
+        if "m_rel_error" not in st:
+            t.add_row(escape(name), str(st.get("r")), escape(str(st.get("reason", ""))), "")
+            continue
+        rel = ", ".join(_pct(v) for v in st["top_lambda_rel_se"][:3])
+        t.add_row(escape(name), str(st["r"]), _pct(st["m_rel_error"]), rel)
+    out.print(t)
+
+
+def _pct(v: float) -> str:
+    """A relative error as a percentage with two significant digits (0.015%, 28%)."""
+    return f"{100 * v:.2g}%"
 
 
 def _show_analysis(a: dict) -> None:

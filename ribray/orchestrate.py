@@ -245,7 +245,7 @@ def check_partial(partial: Any, what: str) -> None:
         elif isinstance(p, Examples):
             arrays = [p.top_value, p.bottom_value, p.pool_value]
         else:
-            arrays = [p.total]
+            arrays = [p.total] + ([] if p.per_source is None else [p.per_source])
         if not all(np.isfinite(a).all() for a in arrays):
             raise FloatingPointError(f"non-finite values in the partial sums of {what}")
 

@@ -18,7 +18,7 @@ import numpy as np
 from ribray.math import basis as bases
 from ribray.math.accumulators import Moments, Sum, reduce_in_order
 from ribray.math.sequential import SequentialModel
-from ribray.math.stability import jackknife
+from ribray.math.stability import edges_error_attrs, jackknife, source_error_attrs
 
 
 class Backend(Protocol):
@@ -39,7 +39,8 @@ class Sink(Protocol):
 
     def basis(self, layer: str, b: bases.Basis) -> None: ...
 
-    def edges(self, layer: str, next_layer: str, E: np.ndarray) -> None: ...
+    def edges(self, layer: str, next_layer: str, E: np.ndarray, attrs: dict) -> None:
+        """``attrs``: the edge group's extra attrs (the sources' error, else empty)."""
 
 
 class ResumableSink(Sink, Protocol):
@@ -109,7 +110,7 @@ def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: B
             t2 = time.perf_counter()
             b_in, b_out = results[layer], results[nxt]
             s = reduce_in_order(backend.edges(layer, nxt, b_in.C, b_in.C_pinv, b_out.C))
-            sink.edges(layer, nxt, s.mean())
+            sink.edges(layer, nxt, s.mean(), edges_error_attrs(s))
             timings["edges"] += time.perf_counter() - t2
             log(f"edges {layer} -> {nxt}: {time.perf_counter() - t2:.1f}s")
     return timings
@@ -148,20 +149,23 @@ def _layer_basis(backend: Backend, layer: str, nxt: str, final: str, widths: dic
         return bases.pca_basis(p)
     target = nxt if settings.kind == "lib" else final
     partials = backend.m(layer, target, done[target].C)
-    M = reduce_in_order(partials).mean()
-    b = bases.lib_basis(p, M, settings.threshold, settings.threshold_mode)
+    full = reduce_in_order(partials)
+    b = bases.lib_basis(p, full.mean(), settings.threshold, settings.threshold_mode)
     fixed = sum(i is not None for i in (b.const_feature, b.variance_feature))
     stab = jackknife(p, partials, b.n_features - fixed)
-    return replace(b, stability=stab.as_attrs() if stab is not None else None)
+    return replace(b, stability=stab.as_attrs() if stab is not None else None,
+                   stochastic_error=source_error_attrs(p, full, b.n_features - fixed))
 
 
 class MemorySink:
-    """Keeps every result in memory (tests, notebooks): ``grams``, ``bases``, ``edges``."""
+    """Keeps every result in memory (tests, notebooks): ``grams``, ``bases``,
+    ``edge_sets`` and ``edge_attrs``."""
 
     def __init__(self) -> None:
         self.grams: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
         self.bases: dict[str, bases.Basis] = {}
         self.edge_sets: dict[tuple[str, str], np.ndarray] = {}
+        self.edge_attrs: dict[tuple[str, str], dict] = {}
 
     def gram(self, layer: str, mean: np.ndarray, gram: np.ndarray, count: int) -> None:
         self.grams[layer] = (mean, gram, count)
@@ -169,5 +173,6 @@ class MemorySink:
     def basis(self, layer: str, b: bases.Basis) -> None:
         self.bases[layer] = b
 
-    def edges(self, layer: str, next_layer: str, E: np.ndarray) -> None:
+    def edges(self, layer: str, next_layer: str, E: np.ndarray, attrs: dict) -> None:
         self.edge_sets[(layer, next_layer)] = E
+        self.edge_attrs[(layer, next_layer)] = attrs

@@ -10,8 +10,9 @@ Layout (docs/zarr-layout.md is the reference)::
                             [lib/gib] M (pca, pca_T), pca_eigenvalues (pca)
                             attrs: width, const_raw_index, const_feature,
                                    variance_raw_index, variance_feature, n_features,
-                                   n_rows, complete
+                                   n_rows, complete [, stability, stochastic_error]
     edges/{in}--{out}/      E (out_feature, in_feature); attrs: in_layer, out_layer, complete
+                                   [, edges_rel_error, sources_r]
 
 ``status`` is ``running`` while a job writes, ``failed`` after an error, and ``complete`` only
 once every layer and edge group is written. Every array carries ``dimension_names`` so
@@ -295,13 +296,18 @@ class StoreWriter:
             self._array(g, "pca_eigenvalues", b.extra["pca_eigenvalues"], ["pca"])
         if b.stability is not None:
             g.attrs["stability"] = b.stability
+        if b.stochastic_error is not None:
+            g.attrs["stochastic_error"] = b.stochastic_error
         g.attrs.update({"n_features": b.n_features, "const_feature": b.const_feature,
                         "variance_feature": b.variance_feature, "complete": True})
 
-    def edges(self, layer: str, next_layer: str, E: np.ndarray) -> None:
+    def edges(self, layer: str, next_layer: str, E: np.ndarray,
+              attrs: dict[str, Any] | None = None) -> None:
+        """The edge group; ``attrs``: extra attrs (the sources' error, ``edges_rel_error``)."""
         g = self.root.require_group(edge_group(layer, next_layer))
         self._array(g, "E", E, ["out_feature", "in_feature"])
-        g.attrs.update({"in_layer": layer, "out_layer": next_layer, "complete": True})
+        g.attrs.update({**(attrs or {}), "in_layer": layer, "out_layer": next_layer,
+                        "complete": True})
 
     def features(self, layer: str, ex: Any, iv: Any, ctx: dict[str, np.ndarray] | None,
                  attrs: dict[str, Any]) -> None:
@@ -402,7 +408,8 @@ class StoreWriter:
                      lambdas=np.asarray(g["lambdas"][...]),
                      const_feature=g.attrs.get("const_feature"), extra=extra,
                      variance_feature=g.attrs.get("variance_feature"),
-                     stability=g.attrs.get("stability"))
+                     stability=g.attrs.get("stability"),
+                     stochastic_error=g.attrs.get("stochastic_error"))
 
     def stored_edges(self, layer: str, next_layer: str) -> bool:
         key = edge_group(layer, next_layer)
@@ -425,7 +432,8 @@ def encode_partial(partial: Any) -> tuple[dict[str, np.ndarray], dict[str, int]]
     if isinstance(partial, Moments):
         return {"mean": partial.mean, "comoment": partial.comoment}, {"": partial.count}
     if isinstance(partial, Sum):
-        return {"total": partial.total}, {"": partial.count}
+        per = {} if partial.per_source is None else {"per_source": partial.per_source}
+        return {"total": partial.total, **per}, {"": partial.count}
     if isinstance(partial, dict):
         arrays = {}
         for layer, m in partial.items():
@@ -437,7 +445,8 @@ def encode_partial(partial: Any) -> tuple[dict[str, np.ndarray], dict[str, int]]
 def decode_partial(g: zarr.Group) -> Any:
     counts, kind = dict(g.attrs["counts"]), g.attrs["kind"]
     if kind == "Sum":
-        return Sum(int(counts[""]), np.asarray(g["total"][...]))
+        per = np.asarray(g["per_source"][...]) if "per_source" in g else None
+        return Sum(int(counts[""]), np.asarray(g["total"][...]), per)
     if kind == "Moments":
         return Moments(int(counts[""]), np.asarray(g["mean"][...]),
                        np.asarray(g["comoment"][...]))
@@ -480,6 +489,7 @@ def summary(root: zarr.Group) -> dict[str, Any]:
                        "variance_lambda": float(lam[var]) if var in fixed else None,
                        "top_lambdas": [float(v) for v in rest[:4]],
                        "stability": g.attrs.get("stability"),
+                       "stochastic_error": g.attrs.get("stochastic_error"),
                        "complete": bool(g.attrs.get("complete", False))})
     edges = []
     names = attrs.get("node_layers", [])
@@ -487,8 +497,11 @@ def summary(root: zarr.Group) -> dict[str, Any]:
         key = edge_group(a, b)
         if key in root:
             E = np.asarray(root[key]["E"][...])
+            ga = root[key].attrs
             edges.append({"edge": f"{a}--{b}", "shape": list(E.shape), "sum": float(E.sum()),
-                          "max": float(E.max()) if E.size else 0.0})
+                          "max": float(E.max()) if E.size else 0.0,
+                          "edges_rel_error": ga.get("edges_rel_error"),
+                          "sources_r": ga.get("sources_r")})
     feats = sorted(name for name, g in root["features"].groups()
                    if g.attrs.get("complete")) if "features" in root else []
     return {"status": attrs.get("status"), "basis": attrs.get("basis"), "features": feats,

@@ -193,3 +193,68 @@ def test_the_paper_jobs_validate_offline():
         job = load_job(ROOT / "jobs" / f"{name}.yaml")
         assert job.model.format == "hf" and not job.model.trust_remote_code
         assert job.data.jacobian_samples == 500
+
+
+def _sources_job(tmp_path, name: str, shard_size: int, workers: int):
+    """lm-smoke with stochastic sources (R = 2) over fewer node layers: closed forms
+    (ln1_out.0 to attn_in.0, a layer norm's "out" half; unembed to output), an attention
+    section (attn_in.0), a section across a whole block (ln2.0 to ln_final) and one of two
+    layer-norm halves (ln_final to unembed: position-wise, but on the exact path)."""
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec.pop("features")
+    spec["model"]["path"] = str(MODEL)
+    spec["data"].update({"path": str(TEXT), "cache_dir": str(tmp_path / "cache"),
+                         "n_samples": 48})
+    spec["basis"]["node_layers"] = ["ln1_out.0", "attn_in.0", "ln2.0", "ln_final", "unembed",
+                                    "output"]
+    spec["sources"] = {"r": 2, "seed": 5}
+    spec["ray"].update({"shard_size": shard_size, "num_workers": workers})
+    spec["out"] = str(tmp_path / f"{name}.zarr")
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_stochastic_sources_store_and_show_their_error(ray_local, tmp_path):
+    """With R = 2 sources the sections that take them store the sources' error (layer attr
+    ``stochastic_error``, edge attr ``edges_rel_error``), the closed forms none; a
+    position-wise section's M is exact with sources (φ² = 1: no spread), its edges are not
+    (the square of a sum over positions); the numbers do not depend on the shards or workers
+    (each sample's sources are its own); ``show`` prints them and ``--json`` has them."""
+    errs = {}
+    for name, shard, workers in (("split", 12, 2), ("whole", 24, 1)):
+        job = load_job(_sources_job(tmp_path, name, shard, workers))
+        run_job(job, tmp_path / f"{name}.zarr", dashboard=False, log=lambda s: None)
+        root = open_store(tmp_path / f"{name}.zarr")
+        assert root.attrs["status"] == "complete"
+        errs[name] = {n: root[f"layers/{n}"].attrs.get("stochastic_error")
+                      for n in job.basis.node_layers[:-1]}
+        errs[name]["edges"] = root["edges/attn_in.0--ln2.0"].attrs["edges_rel_error"]
+        assert root["edges/ln_final--unembed"].attrs["edges_rel_error"] > 0
+        for a, b in (("ln1_out.0", "attn_in.0"), ("unembed", "output")):
+            assert "edges_rel_error" not in root[f"edges/{a}--{b}"].attrs
+    split, whole = errs["split"], errs["whole"]
+    for n in ("ln1_out.0", "unembed"):
+        assert split[n] is None and whole[n] is None, n
+    assert split["ln_final"]["m_rel_error"] == 0.0
+    assert max(split["ln_final"]["top_lambda_rel_se"]) == 0.0
+    for n in ("attn_in.0", "ln2.0"):
+        a, b = split[n], whole[n]
+        assert a["r"] == b["r"] == 2 and 0 < a["m_rel_error"] < 1
+        assert a["m_rel_error"] == pytest.approx(b["m_rel_error"], rel=1e-8)
+        np.testing.assert_allclose(a["top_lambda_rel_se"], b["top_lambda_rel_se"], rtol=1e-6)
+    assert 0 < split["edges"] == pytest.approx(whole["edges"], rel=1e-8)
+    store = str(tmp_path / "split.zarr")
+    shown = runner.invoke(app, ["show", store])
+    assert shown.exit_code == 0, shown.output
+    text = shown.output
+    assert "Stochastic sources" in text
+    assert f"{100 * split['ln2.0']['m_rel_error']:.2g}%" in text
+    assert "rel. error (sources)" in text
+    s = json.loads(runner.invoke(app, ["show", store, "--json"]).output)
+    by_layer = {row["layer"]: row for row in s["layers"]}
+    assert by_layer["attn_in.0"]["stochastic_error"] == split["attn_in.0"]
+    assert by_layer["ln1_out.0"]["stochastic_error"] is None
+    by_edge = {e["edge"]: e for e in s["edges"]}
+    assert by_edge["attn_in.0--ln2.0"]["edges_rel_error"] == split["edges"]
+    assert by_edge["attn_in.0--ln2.0"]["sources_r"] == 2

@@ -396,7 +396,7 @@ class RecordingSink:
     def basis(self, layer, b):
         self.bases[layer] = b
 
-    def edges(self, layer, next_layer, E):
+    def edges(self, layer, next_layer, E, attrs):
         self.edges_[(layer, next_layer)] = np.array(E)
 
 

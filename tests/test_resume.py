@@ -178,6 +178,12 @@ def test_kept_partials_round_trip_exactly_and_damage_is_recomputed(tmp_path):
             assert back[k].mean.tobytes() == m.mean.tobytes()
             assert back[k].comoment.tobytes() == m.comoment.tobytes()
         assert list(w.load_partials("M/ln2.0")) == [3]
+        assert w.load_partials("M/ln2.0")[3].per_source is None
+        with_sources = Sum(7, rng.normal(size=(4, 4)), rng.normal(size=(2, 4, 4)))
+        w.save_partial("edges/a--b", 0, with_sources)
+        kept = w.load_partials("edges/a--b")[0]
+        assert kept.total.tobytes() == with_sources.total.tobytes()
+        assert kept.per_source.tobytes() == with_sources.per_source.tobytes()
         shutil.rmtree(tmp_path / "s.zarr" / "partials" / "M" / "ln2.0" / "000003" / "total" / "c")
         assert w.load_partials("M/ln2.0") == {}
     finally:

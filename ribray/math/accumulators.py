@@ -60,13 +60,25 @@ class Moments:
 
 @dataclass(frozen=True)
 class Sum:
-    """A float64 sum and the number of (sample, position) terms it normalises by."""
+    """A float64 sum and the number of (sample, position) terms it normalises by.
+
+    ``per_source`` (R, ...): with R stochastic sources in effect, each source's own sum
+    (``total`` is their mean over r, computed separately, so it does not depend on them);
+    None without sources. Merged by addition; None when either side has none."""
 
     count: int
     total: np.ndarray
+    per_source: np.ndarray | None = None
 
     def merge(self, other: Sum) -> Sum:
-        return Sum(self.count + other.count, self.total + other.total)
+        per = (None if self.per_source is None or other.per_source is None
+               else self.per_source + other.per_source)
+        return Sum(self.count + other.count, self.total + other.total, per)
+
+    @property
+    def n_sources(self) -> int | None:
+        """R, the number of stochastic sources behind ``per_source`` (None without)."""
+        return None if self.per_source is None else int(self.per_source.shape[0])
 
     def mean(self) -> np.ndarray:
         return self.total / self.count

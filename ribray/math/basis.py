@@ -43,6 +43,7 @@ class Basis:
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     variance_feature: int | None = None  # the layer-norm variance feature, kept isolated
     stability: dict | None = None  # leave-one-shard-out spread (ribray.math.stability)
+    stochastic_error: dict | None = None  # the sources' error (ribray.math.stability)
 
     @property
     def n_features(self) -> int:

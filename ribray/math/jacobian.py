@@ -22,6 +22,10 @@ Edges, squared form without the root (paper eq. 2 with the reference's normalisa
     E[i, j] += Σ_{b, t} ( Σ_s f_hat[b, s, j] J[t, i, b, s, j] )²
 
 Row ``i`` of E is an output feature of layer l+1, column ``j`` an input feature of layer l.
+
+With R stochastic sources the directions are (r, i) instead of (t, i); the ``*_by_source``
+streams also return each source's own sum (R, ...), whose spread over r estimates the error
+of the sources' mean (paper appendix C; :func:`ribray.math.stability.source_error`).
 """
 
 from __future__ import annotations
@@ -108,27 +112,68 @@ def integrated_gradients(fn: Callable[[Tensor], Tensor], x: Tensor, points: list
             yield g
 
 
+class _Gram:
+    """Σ XᵀX (float64) over blocks of rows added one at a time, in GEMMs of about
+    ``chunk_rows`` rows (the buffered blocks are concatenated, then multiplied)."""
+
+    def __init__(self, chunk_rows: int) -> None:
+        self.chunk_rows = chunk_rows
+        self.M: Tensor | None = None
+        self.buf: list[Tensor] = []
+        self.rows = 0
+
+    def add(self, rows: Tensor) -> None:
+        self.buf.append(rows)
+        self.rows += rows.shape[0]
+        if self.rows >= self.chunk_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buf:
+            X = torch.cat(self.buf)
+            part = X.T @ X
+            self.M = part if self.M is None else self.M + part
+            self.buf, self.rows = [], 0
+
+    def result(self) -> np.ndarray | None:
+        self.flush()
+        return None if self.M is None else self.M.cpu().numpy()
+
+
+def _rows(g: Tensor) -> Tensor:
+    return g.reshape(-1, g.shape[-1]).to(torch.float64)
+
+
 def m_stream(grads: Iterable[Tensor], chunk_rows: int = 1 << 18) -> np.ndarray | None:
     """Σ over directions, samples and input positions of g gᵀ over the input features
     (float64; None for no directions), in GEMMs of about ``chunk_rows`` rows."""
-    M, buf, rows = None, [], 0
-
-    def flush() -> None:
-        nonlocal M, buf, rows
-        if buf:
-            X = torch.cat(buf)
-            part = X.T @ X
-            M = part if M is None else M + part
-            buf, rows = [], 0
-
+    acc = _Gram(chunk_rows)
     for g in grads:
-        r = g.reshape(-1, g.shape[-1]).to(torch.float64)
-        buf.append(r)
-        rows += r.shape[0]
-        if rows >= chunk_rows:
-            flush()
-    flush()
-    return None if M is None else M.cpu().numpy()
+        acc.add(_rows(g))
+    return acc.result()
+
+
+def m_stream_by_source(grads: Iterable[Tensor], r: int, k_out: int,
+                       chunk_rows: int = 1 << 18) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """:func:`m_stream` of ``r`` · ``k_out`` directions that come in ``r`` consecutive groups
+    of ``k_out``, one group per stochastic source (r outer, output feature i inner, as
+    :func:`integrated_gradients` yields them with signs), and the same sum per group:
+    (r, d, d), each source's own sum (not divided by r). The first result is bit for bit
+    :func:`m_stream`'s; the groups cost one more GEMM over the same rows and no backward
+    pass. (None, None) for no directions."""
+    total, group, per, n = _Gram(chunk_rows), _Gram(chunk_rows), [], 0
+    for g in grads:
+        rows = _rows(g)
+        total.add(rows)
+        group.add(rows)
+        n += 1
+        if n % k_out == 0:
+            per.append(group.result())
+            group = _Gram(chunk_rows)
+    if n != r * k_out:
+        raise ValueError(f"{n} directions, expected {r} sources x {k_out} features")
+    M = total.result()
+    return M, None if M is None else np.stack(per)
 
 
 def edges_stream(grads: Iterable[Tensor], f_hat: Tensor, k_out: int) -> np.ndarray:
@@ -138,6 +183,29 @@ def edges_stream(grads: Iterable[Tensor], f_hat: Tensor, k_out: int) -> np.ndarr
     f = f_hat.to(torch.float64)
     E = torch.zeros(k_out, f.shape[-1], dtype=torch.float64, device=f.device)
     for n, g in enumerate(grads):
-        a = (f * g.to(torch.float64)).sum(dim=1)  # (batch, k_in)
-        E[n % k_out] += (a * a).sum(dim=0)
+        E[n % k_out] += _edge_terms(f, g)
     return E.cpu().numpy()
+
+
+def edges_stream_by_source(grads: Iterable[Tensor], f_hat: Tensor, r: int, k_out: int
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`edges_stream` (bit for bit) of ``r`` · ``k_out`` directions, and the same sum
+    per stochastic source (the directions' outer index): (r, k_out, k_in), each source's own
+    sum (not divided by r)."""
+    f = f_hat.to(torch.float64)
+    E = torch.zeros(k_out, f.shape[-1], dtype=torch.float64, device=f.device)
+    per = torch.zeros((r, *E.shape), dtype=torch.float64, device=f.device)
+    n = 0
+    for n, g in enumerate(grads, start=1):
+        sq = _edge_terms(f, g)
+        E[(n - 1) % k_out] += sq
+        per[(n - 1) // k_out, (n - 1) % k_out] += sq
+    if n != r * k_out:
+        raise ValueError(f"{n} directions, expected {r} sources x {k_out} features")
+    return E.cpu().numpy(), per.cpu().numpy()
+
+
+def _edge_terms(f: Tensor, g: Tensor) -> Tensor:
+    """Σ_b (Σ_s f g)², (k_in,) in float64, of one direction's gradient ``g``."""
+    a = (f * g.to(torch.float64)).sum(dim=1)  # (batch, k_in)
+    return (a * a).sum(dim=0)

@@ -15,7 +15,7 @@ sums (:mod:`ribray.math.accumulators`) to be merged across shards in shard order
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -39,8 +39,10 @@ from ribray.math.closed_form import (
 from ribray.math.jacobian import (
     Point,
     edges_stream,
+    edges_stream_by_source,
     integrated_gradients,
     m_stream,
+    m_stream_by_source,
     source_signs,
 )
 from ribray.math.lm import LnIn, LnOut
@@ -210,7 +212,9 @@ def m_partial(model: SequentialModel, inputs: Tensor, layer: str, target: str,
     ``sources`` (R, seed): stochastic ±1 sources over output positions (paper eq. 25) where
     the Jacobian mixes positions; ``offset`` is the data-set index of ``inputs[0]``, so each
     sample's sources are its own. A position-wise section (the closed forms) needs none and
-    stays exact; an attention section takes the per-feature path with them."""
+    stays exact; an attention section takes the per-feature path with them. Where the
+    sources are in effect the sum also carries each source's own sum, ``per_source``
+    (R, d, d), for the error estimate (:func:`ribray.math.stability.source_error`)."""
     parts = _closed_parts(model, layer, target, method)
     if parts is not None:
         return _m_closed(model, inputs, layer, parts, C_target, points, batch_size)
@@ -232,21 +236,46 @@ def m_partial(model: SequentialModel, inputs: Tensor, layer: str, target: str,
     def fn(z: Tensor) -> Tensor:
         return model.run(z, layer, target) @ C
 
-    total, count, start = None, 0, offset
+    total, per, r, count, start = None, None, None, 0, offset
     sub = _sub_batch(model, layer, target, inputs, batch_size, len(points), budget)
     for batch in _batches(inputs, sub):
         with torch.no_grad():
             x = model.activations(batch, [layer])[layer]
         signs = _signs(sources, start, x, model, layer, target)
+        r = None if signs is None else int(signs.shape[1])
         start += len(batch)
-        M = m_stream(integrated_gradients(fn, x, points, signs))
-        part = (np.zeros((x.shape[-1],) * 2) if M is None else M
-                ) / (1 if signs is None else signs.shape[1])
+        part, part_per = _m_directions(integrated_gradients(fn, x, points, signs), signs,
+                                       x.shape[-1], C.shape[1])
         check_finite(torch.from_numpy(part), f"gradients into {layer}")
         total = part if total is None else total + part
+        if part_per is not None:
+            per = part_per if per is None else per + part_per
         count += x.shape[0] * x.shape[1]
     assert total is not None
-    return Sum(count, total)
+    return Sum(count, total, _per_source(per, total, r))
+
+
+def _m_directions(grads: Iterator[Tensor], signs: Tensor | None, d: int, k_out: int
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
+    """One batch's Σ g gᵀ (d, d) over the directions, divided by R with sources, and with
+    R ≥ 2 sources each source's own sum (R, d, d); zeros for no directions. (With R = 1 the
+    one source's sum is the total itself: no second GEMM.)"""
+    r = 1 if signs is None else int(signs.shape[1])
+    if r == 1:
+        M = m_stream(grads)
+        return (np.zeros((d, d)) if M is None else M) / r, None
+    M, per = m_stream_by_source(grads, r, k_out)
+    if M is None or per is None:
+        return np.zeros((d, d)), np.zeros((r, d, d))
+    return M / r, per
+
+
+def _per_source(per: np.ndarray | None, total: np.ndarray, r: int | None) -> np.ndarray | None:
+    """The per-source sums of a partial: ``per`` (R ≥ 2), ``total`` as the single source's
+    sum with R = 1 (it is that sum, divided by one), None without sources in effect."""
+    if per is not None:
+        return per
+    return total[None].copy() if r == 1 else None
 
 
 def edge_partial(model: SequentialModel, inputs: Tensor, layer: str, next_layer: str,
@@ -256,7 +285,8 @@ def edge_partial(model: SequentialModel, inputs: Tensor, layer: str, next_layer:
                  budget: int | None = None) -> Sum:
     """Σ over the batch of squared integrated-gradient edges from ``layer`` to ``next_layer``;
     count = samples × input positions. ``method``, ``sources`` (eq. 23) and ``offset`` as for
-    :func:`m_partial`; with sources the closed forms stay exact (their expectation)."""
+    :func:`m_partial`; with sources the closed forms stay exact (their expectation), and
+    where they are in effect the sum carries ``per_source`` (R, k_out, k_in)."""
     Ci, Cip, Co = (_as_tensor(a, model) for a in (C_in, C_in_pinv, C_out))
     what = f"edges from {next_layer} into {layer}"
     parts = _closed_parts(model, layer, next_layer, method)
@@ -285,18 +315,25 @@ def edge_partial(model: SequentialModel, inputs: Tensor, layer: str, next_layer:
     def fn_hat(z: Tensor) -> Tensor:
         return model.run(z @ Cip, layer, next_layer) @ Co
 
-    total, count, start = None, 0, offset
+    total, per, r, count, start = None, None, None, 0, offset
     sub = _sub_batch(model, layer, next_layer, inputs, batch_size, len(points), budget)
     for batch in _batches(inputs, sub):
         with torch.no_grad():
             x = model.activations(batch, [layer])[layer]
         f_hat = x @ Ci
         signs = _signs(sources, start, x, model, layer, next_layer)
+        r = None if signs is None else int(signs.shape[1])
         start += len(batch)
-        part = edges_stream(integrated_gradients(fn_hat, f_hat, points, signs), f_hat,
-                            Co.shape[1]) / (1 if signs is None else signs.shape[1])
+        grads = integrated_gradients(fn_hat, f_hat, points, signs)
+        if r is None or r == 1:
+            part, part_per = edges_stream(grads, f_hat, Co.shape[1]) / (r or 1), None
+        else:
+            part, part_per = edges_stream_by_source(grads, f_hat, r, Co.shape[1])
+            part = part / r
         check_finite(torch.from_numpy(part), f"gradients from {next_layer} into {layer}")
         total = part if total is None else total + part
+        if part_per is not None:
+            per = part_per if per is None else per + part_per
         count += x.shape[0] * x.shape[1]
     assert total is not None
-    return Sum(count, total)
+    return Sum(count, total, _per_source(per, total, r))
