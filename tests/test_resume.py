@@ -184,6 +184,8 @@ def test_kept_partials_round_trip_exactly_and_damage_is_recomputed(tmp_path):
         kept = w.load_partials("edges/a--b")[0]
         assert kept.total.tobytes() == with_sources.total.tobytes()
         assert kept.per_source.tobytes() == with_sources.per_source.tobytes()
+        w.save_partial("edges/c--d", 0, Sum(7, rng.normal(size=(4, 4)), np.zeros((1, 0))))
+        assert w.load_partials("edges/c--d")[0].n_sources == 1  # one source: the empty marker
         shutil.rmtree(tmp_path / "s.zarr" / "partials" / "M" / "ln2.0" / "000003" / "total" / "c")
         assert w.load_partials("M/ln2.0") == {}
     finally:

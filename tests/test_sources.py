@@ -145,9 +145,9 @@ def _sums(seq, tokens, a, b, sources, method="exact", batch=8):
 
 def test_per_source_sums_average_to_the_total():
     """Attention over 5 positions with R = 3: M's per-source sums (R, d, d) and the edges'
-    (R, k_out, k_in) average to the stored totals; with R = 1 the one source's sum is the
-    total; without sources in effect (none, one output position, a closed form) there are
-    none."""
+    (R, k_out, k_in) average to the stored totals; with R = 1 an empty marker (the one
+    source's sum is the total); without sources in effect (none, one output position, a
+    closed form) there are none."""
     seq, tokens = _model(last_pos_only=False)
     for s in _sums(seq, tokens, "ln1.0", "ln2.0", Sources(3, 1)):
         assert s.n_sources == 3 and s.per_source.shape == (3, *s.total.shape)
@@ -155,7 +155,7 @@ def test_per_source_sums_average_to_the_total():
                                    atol=1e-12 * np.abs(s.total).max())
         assert not np.allclose(s.per_source[0], s.per_source[1])  # they do differ
     for s in _sums(seq, tokens, "ln1.0", "ln2.0", Sources(1, 1)):
-        assert np.array_equal(s.per_source, s.total[None])
+        assert s.n_sources == 1 and s.per_source.size == 0  # a marker, not the total again
     for s in _sums(seq, tokens, "ln1.0", "ln2.0", None):
         assert s.per_source is None and s.n_sources is None
     for s in _sums(seq, tokens, "ln2.0", "unembed", Sources(3, 1), method="auto"):

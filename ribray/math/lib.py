@@ -271,11 +271,12 @@ def _m_directions(grads: Iterator[Tensor], signs: Tensor | None, d: int, k_out: 
 
 
 def _per_source(per: np.ndarray | None, total: np.ndarray, r: int | None) -> np.ndarray | None:
-    """The per-source sums of a partial: ``per`` (R ≥ 2), ``total`` as the single source's
-    sum with R = 1 (it is that sum, divided by one), None without sources in effect."""
+    """The per-source sums of a partial: ``per`` (R ≥ 2); with R = 1 an empty (1, 0) marker
+    (the one source's sum is ``total`` itself, and one source has no spread to estimate an
+    error from, so it is not carried twice); None without sources in effect."""
     if per is not None:
         return per
-    return total[None].copy() if r == 1 else None
+    return np.zeros((1, 0)) if r == 1 else None
 
 
 def edge_partial(model: SequentialModel, inputs: Tensor, layer: str, next_layer: str,
