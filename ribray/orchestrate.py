@@ -17,6 +17,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -115,6 +116,28 @@ class LibWorker:
 DEPTH = 2
 
 
+@dataclass
+class _Phase:
+    """One phase of a :meth:`RayBackend._map_many`: its shards, cache and progress."""
+
+    phase: str
+    method: str
+    shards: list[tuple[int, int]]
+    cache: StoreWriter | None
+    refs: list[Any]
+    done: dict[int, Any] = field(default_factory=dict)
+    unkept: list[int] = field(default_factory=list)  # computed, not yet kept in the store
+    samples: int = 0
+    computed: int = 0
+
+    def keep(self) -> None:
+        """Keep the computed partials in the store (once the phase has run long enough)."""
+        if self.cache is not None:
+            for s in self.unkept:
+                self.cache.save_partial(self.phase, s, self.done[s])
+        self.unkept.clear()
+
+
 class RayBackend:
     """The pipeline's Backend on a pool of :class:`LibWorker` actors.
 
@@ -136,47 +159,66 @@ class RayBackend:
         self.keep_after = keep_after
 
     def _map(self, phase: str, method: str, *args: Any) -> dict[int, Any]:
-        shards = self.shards if method in ("gram", "features") else self.jacobian_shards
-        cache = self.cache if method != "features" else None  # candidates are not kept
-        refs = [ray.put(a) if isinstance(a, np.ndarray) else a for a in args]
-        done: dict[int, Any] = cache.load_partials(phase) if cache else {}
-        if done:
-            self.log(f"  {phase}: {len(done)}/{len(shards)} shards kept by an earlier run")
-        todo = [s for s in range(len(shards)) if s not in done][::-1]
-        in_flight: dict[Any, tuple[int, int]] = {}
+        return self._map_many([(phase, method, args)])[0]
+
+    def _map_many(self, calls: list[tuple[str, str, tuple]]) -> list[dict[int, Any]]:
+        """Each call's (phase, worker method, arguments) over its shards, all in one pool:
+        the shards of every call are queued together (in call order), so a worker that
+        finishes one phase's last shard goes on with the next phase's instead of waiting at
+        a barrier. Returns each call's partials by shard id."""
+        jobs = [_Phase(phase, method, self._shards(method), self._cache(method),
+                       [ray.put(a) if isinstance(a, np.ndarray) else a for a in args])
+                for phase, method, args in calls]
+        for j in jobs:
+            j.done = j.cache.load_partials(j.phase) if j.cache else {}
+            if j.done:
+                self.log(f"  {j.phase}: {len(j.done)}/{len(j.shards)} shards kept by an "
+                         f"earlier run")
+        todo = [(c, s) for c, j in enumerate(jobs) for s in range(len(j.shards))
+                if s not in j.done][::-1]
+        in_flight: dict[Any, tuple[int, int, int]] = {}
         # each worker holds up to DEPTH shards, so the next is queued while the driver keeps
         # the last one's partial (the order of results never matters: sums are by shard id)
         idle = list(range(len(self.workers))) * DEPTH
-        unkept: list[int] = []  # computed, not yet kept in the store
-        t0, samples, computed = time.perf_counter(), 0, 0
+        t0 = time.perf_counter()
         try:
             while todo or in_flight:
                 while todo and idle:
-                    w, s = idle.pop(), todo.pop()
-                    ref = getattr(self.workers[w], method).remote(shards[s], *refs)
-                    in_flight[ref] = (w, s)
+                    w, (c, s) = idle.pop(), todo.pop()
+                    j = jobs[c]
+                    ref = getattr(self.workers[w], j.method).remote(j.shards[s], *j.refs)
+                    in_flight[ref] = (w, c, s)
                 ready, _ = ray.wait(list(in_flight), num_returns=1)
                 for ref in ready:
-                    w, s = in_flight.pop(ref)
+                    w, c, s = in_flight.pop(ref)
                     idle.append(w)
-                    done[s] = self._result(ref, phase, s, shards[s])
-                    unkept.append(s)
-                    samples += shards[s][1] - shards[s][0]
-                    computed += 1
+                    j = jobs[c]
+                    j.done[s] = self._result(ref, j.phase, s, j.shards[s])
+                    j.unkept.append(s)
+                    j.samples += j.shards[s][1] - j.shards[s][0]
+                    j.computed += 1
+                    self._report(j, time.perf_counter() - t0)
                 elapsed = time.perf_counter() - t0
-                if cache is not None and (todo or in_flight) and elapsed >= self.keep_after:
-                    for s in unkept:
-                        cache.save_partial(phase, s, done[s])
-                    unkept.clear()
-                rate = samples / elapsed if elapsed > 0 else 0.0
-                self.report(Event(self.job_name, phase, len(done), len(shards), elapsed, rate,
-                                  rate * self.tokens_per_sample, computed))
+                if (todo or in_flight) and elapsed >= self.keep_after:
+                    for j in jobs:
+                        j.keep()
         except BaseException:
             for ref in in_flight:  # queued shards would otherwise be retried on dying actors
                 with contextlib.suppress(Exception):
                     ray.cancel(ref)
             raise
-        return done
+        return [j.done for j in jobs]
+
+    def _shards(self, method: str) -> list[tuple[int, int]]:
+        return self.shards if method in ("gram", "features") else self.jacobian_shards
+
+    def _cache(self, method: str) -> StoreWriter | None:
+        return self.cache if method != "features" else None  # candidates are not kept
+
+    def _report(self, j: _Phase, elapsed: float) -> None:
+        rate = j.samples / elapsed if elapsed > 0 else 0.0
+        self.report(Event(self.job_name, j.phase, len(j.done), len(j.shards), elapsed, rate,
+                          rate * self.tokens_per_sample, j.computed))
 
     @staticmethod
     def _result(ref: Any, phase: str, s: int, shard: tuple[int, int]) -> Any:
@@ -206,6 +248,16 @@ class RayBackend:
               C_out: np.ndarray):
         return self._map(f"edges/{layer}--{next_layer}", "edges", layer, next_layer, C_in,
                          C_in_pinv, C_out)
+
+    def m_with_edges(self, layer: str, target: str, C_target: np.ndarray, edge_in: str,
+                     edge_out: str, C_in: np.ndarray, C_in_pinv: np.ndarray,
+                     C_out: np.ndarray):
+        """:meth:`m` of ``layer`` and :meth:`edges` of ``edge_in`` → ``edge_out`` in one map
+        (both need only bases already known): no barrier between the two phases."""
+        return tuple(self._map_many([
+            (f"M/{layer}", "m", (layer, target, C_target)),
+            (f"edges/{edge_in}--{edge_out}", "edges", (edge_in, edge_out, C_in, C_in_pinv,
+                                                        C_out))]))
 
 
 def _feature_examples(job: JobSpec, backend: RayBackend, writer: StoreWriter, inputs: Any,

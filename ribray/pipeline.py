@@ -31,6 +31,9 @@ class Backend(Protocol):
     def edges(self, layer: str, next_layer: str, C_in: np.ndarray, C_in_pinv: np.ndarray,
               C_out: np.ndarray) -> dict[int, Sum]: ...
 
+    # optional: m_with_edges(layer, target, C_target, edge_in, edge_out, C_in, C_in_pinv,
+    # C_out) -> (m partials, edge partials), both phases in one map
+
 
 class Sink(Protocol):
     """Receives each result as soon as it exists."""
@@ -66,7 +69,9 @@ class BasisSettings:
 
 def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: BasisSettings,
         sink: Sink, log: Callable[[str], None] = lambda s: None) -> dict[str, float]:
-    """Run the whole recursion; returns seconds per phase."""
+    """Run the whole recursion; returns seconds per phase. With a backend that has
+    ``m_with_edges`` (:class:`ribray.orchestrate.RayBackend`) the edges of each layer pair are
+    computed in the map of the next layer's M, and their time is counted in ``basis_M``."""
     timings: dict[str, float] = {"gram": 0.0, "basis_M": 0.0, "edges": 0.0}
     t0 = time.perf_counter()
     stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -92,6 +97,35 @@ def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: B
     results[final] = kept if kept is not None else _final_basis(final, widths, stats, settings)
     if kept is None:
         sink.basis(final, results[final])
+    # The edges of a layer pair need only the two bases, so (with a backend that can) they
+    # are computed in the same map as the next layer's M: no barrier between the phases.
+    pending: list[tuple[str, str]] = []
+
+    def write_edges(layer: str, nxt: str, partials: dict[int, Sum]) -> None:
+        s = reduce_in_order(partials)
+        sink.edges(layer, nxt, s.mean(), edges_error_attrs(s))
+
+    def flush() -> None:
+        for layer, nxt in pending:
+            t2 = time.perf_counter()
+            b_in, b_out = results[layer], results[nxt]
+            write_edges(layer, nxt, backend.edges(layer, nxt, b_in.C, b_in.C_pinv, b_out.C))
+            timings["edges"] += time.perf_counter() - t2
+            log(f"edges {layer} -> {nxt}: {time.perf_counter() - t2:.1f}s")
+        pending.clear()
+
+    def m_map(layer: str, target: str, C_target: np.ndarray) -> dict[int, Sum]:
+        fused = getattr(backend, "m_with_edges", None)
+        if not pending or fused is None:
+            return backend.m(layer, target, C_target)
+        (a, b), = pending
+        m_parts, e_parts = fused(layer, target, C_target, a, b, results[a].C,
+                                 results[a].C_pinv, results[b].C)
+        write_edges(a, b, e_parts)
+        log(f"edges {a} -> {b}: with M/{layer}")
+        pending.clear()
+        return m_parts
+
     for i in range(len(layers) - 2, -1, -1):
         layer, nxt = layers[i], layers[i + 1]
         t1 = time.perf_counter()
@@ -100,19 +134,16 @@ def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: B
             results[layer] = kept
             log(f"basis {layer}: written by an earlier run")
         else:
-            results[layer] = _layer_basis(backend, layer, nxt, final, widths, stats, settings,
+            results[layer] = _layer_basis(m_map, layer, nxt, final, widths, stats, settings,
                                           results)
             timings["basis_M"] += time.perf_counter() - t1
             sink.basis(layer, results[layer])
             log(f"basis {layer}: {results[layer].n_features} features, "
                 f"{time.perf_counter() - t1:.1f}s")
+        flush()  # edges that no M map took along
         if settings.compute_edges and not _stored(sink, "stored_edges", layer, nxt):
-            t2 = time.perf_counter()
-            b_in, b_out = results[layer], results[nxt]
-            s = reduce_in_order(backend.edges(layer, nxt, b_in.C, b_in.C_pinv, b_out.C))
-            sink.edges(layer, nxt, s.mean(), edges_error_attrs(s))
-            timings["edges"] += time.perf_counter() - t2
-            log(f"edges {layer} -> {nxt}: {time.perf_counter() - t2:.1f}s")
+            pending.append((layer, nxt))
+    flush()
     return timings
 
 
@@ -135,9 +166,10 @@ def _final_basis(final: str, widths: dict[str, int], stats: dict, settings: Basi
                                      var=SequentialModel.variance_index(final, widths[final])))
 
 
-def _layer_basis(backend: Backend, layer: str, nxt: str, final: str, widths: dict[str, int],
-                 stats: dict, settings: BasisSettings, done: dict[str, bases.Basis]
-                 ) -> bases.Basis:
+def _layer_basis(m_map: Callable[[str, str, np.ndarray], dict[int, Sum]], layer: str,
+                 nxt: str, final: str, widths: dict[str, int], stats: dict,
+                 settings: BasisSettings, done: dict[str, bases.Basis]) -> bases.Basis:
+    """The basis of ``layer`` (M partials from ``m_map(layer, target, C_target)``)."""
     mean, cov = stats[layer]
     const = SequentialModel.const_index(layer, widths[layer])
     if settings.kind == "neuron":
@@ -148,7 +180,7 @@ def _layer_basis(backend: Backend, layer: str, nxt: str, final: str, widths: dic
     if settings.kind == "pca":
         return bases.pca_basis(p)
     target = nxt if settings.kind == "lib" else final
-    partials = backend.m(layer, target, done[target].C)
+    partials = m_map(layer, target, done[target].C)
     full = reduce_in_order(partials)
     b = bases.lib_basis(p, full.mean(), settings.threshold, settings.threshold_mode)
     fixed = sum(i is not None for i in (b.const_feature, b.variance_feature))
