@@ -9,8 +9,10 @@ Usage (from the repository root; needs ../shared/reference-models):
 For each worker count it runs the whole job through Ray (a fresh local instance per run, no
 dashboard) and prints seconds per phase as recorded in the store's ``timings`` attribute:
 preflight (checkpoint, data, checks), ray_start, workers_start (actors load the model), gram,
-basis_M (Jacobian-Gram passes and eigendecompositions), edges, total. ``--serial`` adds the same
-recursion in this process without Ray, which isolates the math from the orchestration.
+basis_M (Jacobian-Gram passes and eigendecompositions; through Ray it includes the edges computed
+in the same map as the next layer's M), edges (the rest), total; compare basis_M + edges.
+``--serial`` adds the same recursion in this process without Ray, which isolates the math from
+the orchestration.
 ``--jacobians`` runs each setting of the job's ``jacobians`` field (fast paths, or the exact
 per-feature path), and the last lines give the ratios exact/auto and 1/2 workers per phase.
 Figures vary with machine load: compare rows from one run only.
