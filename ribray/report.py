@@ -149,6 +149,35 @@ def _layer_rows(root: zarr.Group) -> list[list[Any]]:
     return rows
 
 
+def _data_enough(root: zarr.Group) -> str:
+    """"Is the data enough?": the leave-one-shard-out spread of each LIB layer and, where a
+    job's stochastic sources took effect, their error (layer attrs ``stability`` and
+    ``stochastic_error``, docs/zarr-layout.md); empty where no layer has either."""
+    layers = summary(root)["layers"]
+    parts = []
+    stab = [(r["layer"], r["stability"]) for r in layers if r.get("stability")]
+    if stab:
+        parts.append(table(
+            ["node layer", "shards", "top Λ s.e. (relative)", "largest angle (°)",
+             "median angle (°)"],
+            [[n, st["n_shards"], ", ".join(fmt(v, 2) for v in st["top_lambda_rel_se"][:3]),
+              st["max_principal_angle_deg"], st["median_principal_angle_deg"]]
+             for n, st in stab], numeric=[False, True, False, True, True]))
+        parts.append('<p class="small">Leave-one-shard-out (jackknife) spread of the LIB '
+                     "rotation: standard errors of the top Λ relative to Λ, and principal "
+                     "angles between the kept subspaces with each shard left out.</p>")
+    src = [(r["layer"], r["stochastic_error"]) for r in layers if r.get("stochastic_error")]
+    if src:
+        parts.append(table(
+            ["node layer", "sources r", "M rel. error", "top Λ s.e. (relative)"],
+            [[n, st.get("r"), st.get("m_rel_error", st.get("reason")),
+              ", ".join(fmt(v, 2) for v in st.get("top_lambda_rel_se", [])[:3]) or None]
+             for n, st in src], numeric=[False, True, True, False]))
+        parts.append('<p class="small">The error of the stochastic sources, from the spread '
+                     "between them (it needs r ≥ 2).</p>")
+    return "<h2>Is the data enough?</h2>" + "".join(parts) if parts else ""
+
+
 def _settings(a: dict[str, Any], root: zarr.Group) -> str:
     data = a.get("data") or {}
     data_txt = ", ".join(f"{k} {v}" for k, v in data.items() if v is not None)
@@ -271,6 +300,7 @@ def write_report(store: str | Path, folder: Path, plots_spec: PlotsSpec | None =
     parts.append(f'<p class="small">{esc(attrs.get("n_samples", "?"))} samples analysed by the '
                  f"job; Λ const is the constant feature's value (— where the layer has none)."
                  "</p>")
+    parts.append(_data_enough(root))
     if a is None:
         parts.append("<h2>Analysis</h2><p>The store has no analysis yet: run "
                      f"<code>ribray analyze {esc(store)}</code>.</p>")

@@ -5,6 +5,7 @@ cache, and bad input with one line each. Nothing is downloaded."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -258,3 +259,10 @@ def test_stochastic_sources_store_and_show_their_error(ray_local, tmp_path):
     by_edge = {e["edge"]: e for e in s["edges"]}
     assert by_edge["attn_in.0--ln2.0"]["edges_rel_error"] == split["edges"]
     assert by_edge["attn_in.0--ln2.0"]["sources_r"] == 2
+    from ribray.report import write_report
+
+    page = write_report(store, tmp_path / "report", log=lambda s: None).read_text("utf-8")
+    tables = page.split("Is the data enough?")[1]
+    row = re.search(r"<tr><td>attn_in\.0</td><td[^>]*>2</td><td[^>]*>([^<]*)</td>",
+                    tables.split("stochastic sources")[0].split("sources r")[1])
+    assert row and row.group(1) == f"{split['attn_in.0']['m_rel_error']:.4g}"

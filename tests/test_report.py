@@ -108,6 +108,10 @@ def test_report_content_matches_store(lib_store, lib_report):
         assert row, (a["in_layer"], a["out_layer"])
         cells = re.findall(r"<td[^>]*>([^<]*)</td>", row.group(1))
         assert cells[0] == f"{a['n_candidates']:,}" and cells[1] == f"{a['edges_required']:,}"
+    st = root["layers/ln2.0"].attrs["stability"]  # "Is the data enough?": the jackknife
+    row = re.search(r"<tr><td>ln2\.0</td>(.*?)</tr>", text.split("Is the data enough?")[1])
+    assert row and re.findall(r"<td[^>]*>([^<]*)</td>", row.group(1))[:2] == [
+        f"{st['n_shards']:,}", ", ".join(f"{v:.2g}" for v in st["top_lambda_rel_se"][:3])]
     labels = root["analysis/labels/ln2.0"].attrs["labels"][0]
     non_constant = [lab for lab in labels[:40] if lab != "constant"]
     assert non_constant and all(lab in text for lab in non_constant[:5])
