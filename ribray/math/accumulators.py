@@ -63,9 +63,8 @@ class Sum:
     """A float64 sum and the number of (sample, position) terms it normalises by.
 
     ``per_source`` (R, ...): with R ≥ 2 stochastic sources in effect, each source's own sum
-    (``total`` is their mean over r, computed separately, so it does not depend on them); an
-    empty (1, 0) marker with one source; None without sources. Merged by addition; None when
-    either side has none."""
+    (``total`` is their mean over r); an empty (1, 0) marker with one source; None without
+    sources. Merged by addition; None when either side has none."""
 
     count: int
     total: np.ndarray

@@ -158,22 +158,22 @@ def m_stream_by_source(grads: Iterable[Tensor], r: int, k_out: int,
     """:func:`m_stream` of ``r`` · ``k_out`` directions that come in ``r`` consecutive groups
     of ``k_out``, one group per stochastic source (r outer, output feature i inner, as
     :func:`integrated_gradients` yields them with signs), and the same sum per group:
-    (r, d, d), each source's own sum (not divided by r). The first result is bit for bit
-    :func:`m_stream`'s; the groups cost one more GEMM over the same rows and no backward
-    pass. (None, None) for no directions."""
-    total, group, per, n = _Gram(chunk_rows), _Gram(chunk_rows), [], 0
+    (r, d, d), each source's own sum (not divided by r). The total is the sum of the groups'
+    (in r order: one GEMM per row, equal to :func:`m_stream`'s up to round-off). (None, None)
+    for no directions."""
+    group, per, n = _Gram(chunk_rows), [], 0
     for g in grads:
-        rows = _rows(g)
-        total.add(rows)
-        group.add(rows)
+        group.add(_rows(g))
         n += 1
         if n % k_out == 0:
             per.append(group.result())
             group = _Gram(chunk_rows)
     if n != r * k_out:
         raise ValueError(f"{n} directions, expected {r} sources x {k_out} features")
-    M = total.result()
-    return M, None if M is None else np.stack(per)
+    if not per or per[0] is None:
+        return None, None
+    stack = np.stack(per)
+    return stack.sum(axis=0), stack
 
 
 def edges_stream(grads: Iterable[Tensor], f_hat: Tensor, k_out: int) -> np.ndarray:
