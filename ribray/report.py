@@ -139,9 +139,9 @@ def _status(value: Any) -> str:
 # --- the report of one store -------------------------------------------------------------
 
 
-def _layer_rows(root: zarr.Group) -> list[list[Any]]:
+def _layer_rows(layers: list[dict[str, Any]]) -> list[list[Any]]:
     rows = []
-    for lay in summary(root)["layers"]:
+    for lay in layers:
         top = lay.get("top_lambdas") or []
         rows.append([lay["layer"], lay.get("width"), lay.get("features"),
                      lay.get("const_lambda"),
@@ -149,11 +149,11 @@ def _layer_rows(root: zarr.Group) -> list[list[Any]]:
     return rows
 
 
-def _data_enough(root: zarr.Group) -> str:
+def _data_enough(layers: list[dict[str, Any]]) -> str:
     """"Is the data enough?": the leave-one-shard-out spread of each LIB layer and, where a
-    job's stochastic sources took effect, their error (layer attrs ``stability`` and
-    ``stochastic_error``, docs/zarr-layout.md); empty where no layer has either."""
-    layers = summary(root)["layers"]
+    job's stochastic sources took effect, their error (the summary's layer attrs
+    ``stability`` and ``stochastic_error``, docs/zarr-layout.md); empty where no layer has
+    either."""
     parts = []
     stab = [(r["layer"], r["stability"]) for r in layers if r.get("stability")]
     if stab:
@@ -275,6 +275,7 @@ def write_report(store: str | Path, folder: Path, plots_spec: PlotsSpec | None =
     folder.mkdir(parents=True, exist_ok=True)
     attrs = dict(root.attrs)
     a = analysis_summary(root)
+    layers = summary(root)["layers"]  # node layers as `ribray show` lists them
     formats = list(spec.formats)
     name = attrs.get("config", {}).get("name", "?")
     basis = str(attrs.get("basis", "?"))
@@ -296,11 +297,11 @@ def write_report(store: str | Path, folder: Path, plots_spec: PlotsSpec | None =
              f"analysis {_status(a.get('status') if a else 'absent')}</p>"]
     parts.append("<h2>Node layers</h2>")
     parts.append(table(["node layer", "width", "features kept", "Λ const", "top Λ"],
-                       _layer_rows(root), numeric=[False, True, True, True, False]))
+                       _layer_rows(layers), numeric=[False, True, True, True, False]))
     parts.append(f'<p class="small">{esc(attrs.get("n_samples", "?"))} samples analysed by the '
                  f"job; Λ const is the constant feature's value (— where the layer has none)."
                  "</p>")
-    parts.append(_data_enough(root))
+    parts.append(_data_enough(layers))
     if a is None:
         parts.append("<h2>Analysis</h2><p>The store has no analysis yet: run "
                      f"<code>ribray analyze {esc(store)}</code>.</p>")
