@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -11,9 +12,9 @@ from ribray.checkpoints import load_model
 from ribray.config import DigitsData, JobSpec, ModAddData, NpzData, TextData
 from ribray.data import Dataset, digits, modular_addition, npz
 from ribray.math.jacobian import integration_points
-from ribray.math.lib import Sources
+from ribray.math.lib import Sources, closed_sections, m_from_sums
 from ribray.math.sequential import SequentialModel, to_sequential
-from ribray.pipeline import BasisSettings
+from ribray.pipeline import BasisSettings, ClosedM, m_pairs
 from ribray.shards import ComputeSettings
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -70,6 +71,29 @@ def compute_settings(job: JobSpec) -> ComputeSettings:
                                     if job.sources is not None else None),
                            memory_budget=(int(job.ray.memory_budget_gb * 2**30)
                                           if job.ray.memory_budget_gb is not None else None))
+
+
+#: the most memory the Gram pass's per-shard sums of closed-form sections may take (bytes)
+SECTION_SUMS_BUDGET = 2**30
+
+
+def closed_m(job: JobSpec, model: SequentialModel, n_samples: int, n_shards: int
+             ) -> dict[tuple[str, str], ClosedM]:
+    """The sections whose M the recursion takes from the Gram pass's
+    :class:`~ribray.math.accumulators.ActSums` (``pipeline.run``'s ``closed``): the
+    position-wise ones of the ``auto`` path, when M and the Gram use the same samples and
+    their per-shard sums (Σ g gᵀ, m × m each) fit :data:`SECTION_SUMS_BUDGET`."""
+    n_jac = getattr(job.data, "jacobian_samples", None)
+    if n_jac is not None and n_jac < n_samples:
+        return {}
+    settings = compute_settings(job)
+    parts = closed_sections(model, m_pairs(list(job.basis.node_layers), job.basis.kind),
+                            settings.jacobians)
+    size = sum(8 * p.A.shape[1] ** 2 for p in parts.values() if p.A is not None) * n_shards
+    if size > SECTION_SUMS_BUDGET:
+        return {}
+    return {pair: partial(m_from_sums, p, points=settings.basis_points)
+            for pair, p in parts.items()}
 
 
 def basis_settings(job: JobSpec) -> BasisSettings:

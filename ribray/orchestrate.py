@@ -27,6 +27,7 @@ from threadpoolctl import threadpool_limits
 from ribray import pipeline
 from ribray.build import (
     basis_settings,
+    closed_m,
     compute_settings,
     fingerprint_file,
     fingerprint_tensor,
@@ -36,7 +37,7 @@ from ribray.build import (
 from ribray.checkpoints import CheckpointError
 from ribray.config import JobSpec, ModAddData, RaySpec
 from ribray.data import shard_ranges
-from ribray.math.accumulators import Moments
+from ribray.math.accumulators import ActSums, Moments
 from ribray.math.examples import Examples, contexts, intervals, merge
 from ribray.math.lib import exact_bytes_per_sample
 from ribray.math.lm import LnIn, LnOut
@@ -92,8 +93,9 @@ class LibWorker:
         self.computer = ShardComputer(load_sequential(spec).to(device),
                                       load_data(spec).inputs.to(device), compute_settings(spec))
 
-    def gram(self, shard: tuple[int, int], layers: list[str]):
-        return self.computer.gram(shard, layers)
+    def gram(self, shard: tuple[int, int], layers: list[str],
+             sections: list[tuple[str, str]] | None = None):
+        return self.computer.gram(shard, layers, sections)
 
     def m(self, shard: tuple[int, int], layer: str, target: str, C: np.ndarray):
         return self.computer.m(shard, layer, target, C)
@@ -235,8 +237,8 @@ class RayBackend:
         check_partial(partial, f"{phase}, shard {s} {shard}")
         return partial
 
-    def gram(self, layers: list[str]):
-        return self._map("gram", "gram", layers)
+    def gram(self, layers: list[str], sections: list[tuple[str, str]] | None = None):
+        return self._map("gram", "gram", layers, sections or [])
 
     def m(self, layer: str, target: str, C_target: np.ndarray):
         return self._map(f"M/{layer}", "m", layer, target, C_target)
@@ -246,18 +248,26 @@ class RayBackend:
 
     def edges(self, layer: str, next_layer: str, C_in: np.ndarray, C_in_pinv: np.ndarray,
               C_out: np.ndarray):
-        return self._map(f"edges/{layer}--{next_layer}", "edges", layer, next_layer, C_in,
-                         C_in_pinv, C_out)
+        return self.edges_many([(layer, next_layer, C_in, C_in_pinv, C_out)])[0]
 
-    def m_with_edges(self, layer: str, target: str, C_target: np.ndarray, edge_in: str,
-                     edge_out: str, C_in: np.ndarray, C_in_pinv: np.ndarray,
-                     C_out: np.ndarray):
-        """:meth:`m` of ``layer`` and :meth:`edges` of ``edge_in`` → ``edge_out`` in one map
-        (both need only bases already known): no barrier between the two phases."""
-        return tuple(self._map_many([
-            (f"M/{layer}", "m", (layer, target, C_target)),
-            (f"edges/{edge_in}--{edge_out}", "edges", (edge_in, edge_out, C_in, C_in_pinv,
-                                                        C_out))]))
+    def m_with_edges(self, layer: str, target: str, C_target: np.ndarray,
+                     edges: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]]):
+        """:meth:`m` of ``layer`` and :meth:`edges` of each (layer, next_layer, C_in,
+        C_in_pinv, C_out) in ``edges`` in one map (all need only bases already known): no
+        barrier between the phases. The M shards are queued first: the next basis waits on
+        them. Returns (M partials, [edge partials, in the order of ``edges``])."""
+        out = self._map_many([(f"M/{layer}", "m", (layer, target, C_target))]
+                             + [self._edge_call(*e) for e in edges])
+        return out[0], out[1:]
+
+    def edges_many(self, edges: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]]):
+        """:meth:`edges` of several layer pairs in one map."""
+        return self._map_many([self._edge_call(*e) for e in edges])
+
+    @staticmethod
+    def _edge_call(layer: str, nxt: str, C_in: np.ndarray, C_in_pinv: np.ndarray,
+                   C_out: np.ndarray) -> tuple[str, str, tuple]:
+        return f"edges/{layer}--{nxt}", "edges", (layer, nxt, C_in, C_in_pinv, C_out)
 
 
 def _feature_examples(job: JobSpec, backend: RayBackend, writer: StoreWriter, inputs: Any,
@@ -296,6 +306,8 @@ def check_partial(partial: Any, what: str) -> None:
             arrays = [p.mean, p.comoment]
         elif isinstance(p, Examples):
             arrays = [p.top_value, p.bottom_value, p.pool_value]
+        elif isinstance(p, ActSums):
+            arrays = [a for a in (p.g_sum, p.gram) if a is not None]
         else:
             arrays = [p.total] + ([] if p.per_source is None else [p.per_source])
         if not all(np.isfinite(a).all() for a in arrays):
@@ -436,8 +448,10 @@ def preflight(job: JobSpec, out: Where, overwrite: bool) -> dict[str, Any]:
                                             f"{'checkpoint' if what == 'model' else 'data set'}"
                                             f" (sha256 differs); pass --overwrite to replace it")
     tokens = int(data.inputs.shape[1]) if isinstance(model.embed, TokenEmbed) else 1
+    n_shards = len(shard_ranges(len(data), job.ray.shard_size))
     return {"widths": {n: model.width(n) for n in layers}, "n_samples": len(data), "data": data,
-            "fingerprints": prints, "state": state, "tokens_per_sample": tokens}
+            "fingerprints": prints, "state": state, "tokens_per_sample": tokens,
+            "closed": closed_m(job, model, len(data), n_shards)}
 
 
 def run_job(job: JobSpec, out: Where, address: str | None = None, overwrite: bool = False,
@@ -518,7 +532,7 @@ def _run(job: JobSpec, out: Where, address: str | None, overwrite: bool, dashboa
                                  tokens_per_sample=tokens)
             with threadpool_limits(driver_threads(where, job.ray.cpus_per_worker)):
                 timings = pipeline.run(backend, list(job.basis.node_layers), info["widths"],
-                                       basis_settings(job), writer, log)
+                                       basis_settings(job), writer, log, info["closed"])
                 if job.features is not None:
                     t_f = time.perf_counter()
                     _feature_examples(job, backend, writer, info["data"].inputs, log)

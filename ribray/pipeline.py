@@ -16,7 +16,8 @@ from typing import Protocol
 import numpy as np
 
 from ribray.math import basis as bases
-from ribray.math.accumulators import Moments, Sum, reduce_in_order
+from ribray.math.accumulators import ActSums, Moments, Sum, reduce_in_order
+from ribray.math.lib import section_key
 from ribray.math.sequential import SequentialModel
 from ribray.math.stability import edges_error_attrs, jackknife, source_error_attrs
 
@@ -24,15 +25,17 @@ from ribray.math.stability import edges_error_attrs, jackknife, source_error_att
 class Backend(Protocol):
     """Per-shard partial sums, keyed by shard id."""
 
-    def gram(self, layers: list[str]) -> dict[int, dict[str, Moments]]: ...
+    def gram(self, layers: list[str], sections: list[tuple[str, str]] | None = None
+             ) -> dict[int, dict[str, Moments | ActSums]]:
+        """Node layers' moments, and :class:`ActSums` keyed ``section_key`` for ``sections``."""
 
     def m(self, layer: str, target: str, C_target: np.ndarray) -> dict[int, Sum]: ...
 
     def edges(self, layer: str, next_layer: str, C_in: np.ndarray, C_in_pinv: np.ndarray,
               C_out: np.ndarray) -> dict[int, Sum]: ...
 
-    # optional: m_with_edges(layer, target, C_target, edge_in, edge_out, C_in, C_in_pinv,
-    # C_out) -> (m partials, edge partials), both phases in one map
+    # optional: m_with_edges(layer, target, C_target, edges) -> (M partials, [edge partials]),
+    # where edges is a list of (layer, next_layer, C_in, C_in_pinv, C_out): all in one map
 
 
 class Sink(Protocol):
@@ -67,20 +70,41 @@ class BasisSettings:
     compute_edges: bool
 
 
+#: M of a position-wise section from its rows' sums: (ActSums, C_target) -> M_raw (d, d)
+ClosedM = Callable[[ActSums, np.ndarray], np.ndarray]
+
+
+def m_pairs(layers: list[str], kind: str) -> list[tuple[str, str]]:
+    """The (layer, target) sections whose Jacobian-Grams the recursion takes: each layer to
+    the next for LIB, to the final layer for GIB (appendix E); none for PCA or neurons."""
+    if kind not in ("lib", "gib"):
+        return []
+    return [(layers[i], layers[i + 1] if kind == "lib" else layers[-1])
+            for i in range(len(layers) - 1)]
+
+
 def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: BasisSettings,
-        sink: Sink, log: Callable[[str], None] = lambda s: None) -> dict[str, float]:
-    """Run the whole recursion; returns seconds per phase. With a backend that has
-    ``m_with_edges`` (:class:`ribray.orchestrate.RayBackend`) the edges of each layer pair are
-    computed in the map of the next layer's M, and their time is counted in ``basis_M``."""
+        sink: Sink, log: Callable[[str], None] = lambda s: None,
+        closed: dict[tuple[str, str], ClosedM] | None = None) -> dict[str, float]:
+    """Run the whole recursion; returns seconds per phase.
+
+    ``closed``: the sections (layer, target) whose M follows from their rows'
+    :class:`ActSums` (:func:`ribray.math.lib.m_from_sums`). The Gram pass takes those sums
+    too, so these layers' bases need no pass of their own. With a backend that has
+    ``m_with_edges`` (:class:`ribray.orchestrate.RayBackend`) the edges of the layer pairs
+    whose bases are known are computed in the next map of an M, and their time is counted in
+    ``basis_M``; the rest in one map at the end."""
     timings: dict[str, float] = {"gram": 0.0, "basis_M": 0.0, "edges": 0.0}
     t0 = time.perf_counter()
     stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    sums: dict[tuple[str, str], dict[int, ActSums]] = {}
     stored = {n: _stored(sink, "stored_stats", n) for n in layers}
     if all(v is not None for v in stored.values()):
         stats = {n: (v[0], v[1]) for n, v in stored.items() if v is not None}
         log("gram: written by an earlier run")
     else:
-        partials = backend.gram(layers)  # one pass over the data for every node layer
+        # one pass over the data for every node layer and every closed-form section
+        partials = backend.gram(layers, list(closed or {}))
         moments = {n: reduce_in_order({s: p[n] for s, p in partials.items()}) for n in layers}
         for n in layers:
             m = moments[n]
@@ -88,6 +112,10 @@ def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: B
             stats[n] = (m.mean, cov)
             gram = bases.centred_gram(cov, SequentialModel.const_index(n, widths[n]))
             sink.gram(n, m.mean, gram, m.count)
+        for pair in closed or {}:
+            key = section_key(*pair)
+            if all(isinstance(p.get(key), ActSums) for p in partials.values()):
+                sums[pair] = {s: p[key] for s, p in partials.items()}
         timings["gram"] = time.perf_counter() - t0
         log(f"gram: {len(layers)} node layers, {timings['gram']:.1f}s")
 
@@ -98,31 +126,28 @@ def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: B
     if kept is None:
         sink.basis(final, results[final])
     # The edges of a layer pair need only the two bases, so (with a backend that can) they
-    # are computed in the same map as the next layer's M: no barrier between the phases.
+    # are computed in the next map of an M: no barrier between the phases.
     pending: list[tuple[str, str]] = []
+
+    def edge_args(layer: str, nxt: str) -> tuple:
+        b_in, b_out = results[layer], results[nxt]
+        return layer, nxt, b_in.C, b_in.C_pinv, b_out.C
 
     def write_edges(layer: str, nxt: str, partials: dict[int, Sum]) -> None:
         s = reduce_in_order(partials)
         sink.edges(layer, nxt, s.mean(), edges_error_attrs(s))
 
-    def flush() -> None:
-        for layer, nxt in pending:
-            t2 = time.perf_counter()
-            b_in, b_out = results[layer], results[nxt]
-            write_edges(layer, nxt, backend.edges(layer, nxt, b_in.C, b_in.C_pinv, b_out.C))
-            timings["edges"] += time.perf_counter() - t2
-            log(f"edges {layer} -> {nxt}: {time.perf_counter() - t2:.1f}s")
-        pending.clear()
-
     def m_map(layer: str, target: str, C_target: np.ndarray) -> dict[int, Sum]:
+        if (layer, target) in sums and closed is not None:  # from the Gram pass's sums
+            fn = closed[(layer, target)]
+            return {s: Sum(a.count, fn(a, C_target)) for s, a in sums[(layer, target)].items()}
         fused = getattr(backend, "m_with_edges", None)
         if not pending or fused is None:
             return backend.m(layer, target, C_target)
-        (a, b), = pending
-        m_parts, e_parts = fused(layer, target, C_target, a, b, results[a].C,
-                                 results[a].C_pinv, results[b].C)
-        write_edges(a, b, e_parts)
-        log(f"edges {a} -> {b}: with M/{layer}")
+        m_parts, e_parts = fused(layer, target, C_target, [edge_args(*e) for e in pending])
+        for (a, b), parts in zip(pending, e_parts, strict=True):
+            write_edges(a, b, parts)
+            log(f"edges {a} -> {b}: with M/{layer}")
         pending.clear()
         return m_parts
 
@@ -140,10 +165,19 @@ def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: B
             sink.basis(layer, results[layer])
             log(f"basis {layer}: {results[layer].n_features} features, "
                 f"{time.perf_counter() - t1:.1f}s")
-        flush()  # edges that no M map took along
         if settings.compute_edges and not _stored(sink, "stored_edges", layer, nxt):
             pending.append((layer, nxt))
-    flush()
+    t2 = time.perf_counter()
+    many = getattr(backend, "edges_many", None)
+    if many is not None and pending:  # the rest in one map
+        for (a, b), parts in zip(pending, many([edge_args(*e) for e in pending]), strict=True):
+            write_edges(a, b, parts)
+    else:
+        for a, b in pending:
+            write_edges(a, b, backend.edges(*edge_args(a, b)))
+    if pending:
+        timings["edges"] = time.perf_counter() - t2
+        log(f"edges {', '.join(f'{a} -> {b}' for a, b in pending)}: {timings['edges']:.1f}s")
     return timings
 
 

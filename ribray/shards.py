@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ribray.math.accumulators import Moments, Sum
+from ribray.math.accumulators import ActSums, Moments, Sum
 from ribray.math.examples import Examples, merge, shard_examples
 from ribray.math.jacobian import Point
-from ribray.math.lib import Sources, edge_partial, gram_partial, m_partial
+from ribray.math.lib import Sources, closed_sections, edge_partial, gram_partial, m_partial
 from ribray.math.sequential import SequentialModel
 
 DEFAULT_CPU_BUDGET = 4 * 2**30
@@ -35,6 +35,7 @@ class ShardComputer:
 
     def __init__(self, model: SequentialModel, inputs: torch.Tensor, settings: ComputeSettings):
         self.model, self.inputs, self.settings = model, inputs, settings
+        self._sections: dict[tuple, dict] = {}  # closed-form sections' Parts, by request
 
     @property
     def budget(self) -> int:
@@ -50,8 +51,16 @@ class ShardComputer:
     def _x(self, shard: tuple[int, int]) -> torch.Tensor:
         return self.inputs[shard[0]: shard[1]]
 
-    def gram(self, shard: tuple[int, int], layers: list[str]) -> dict[str, Moments]:
-        return gram_partial(self.model, self._x(shard), layers, self.settings.batch_size)
+    def gram(self, shard: tuple[int, int], layers: list[str],
+             sections: list[tuple[str, str]] | None = None) -> dict[str, Moments | ActSums]:
+        """Node layers' moments, and the :class:`ActSums` of the closed-form ``sections``
+        (layer, target) whose M then needs no pass of its own (:func:`closed_sections`)."""
+        key = tuple(sections or [])
+        if key not in self._sections:
+            self._sections[key] = closed_sections(self.model, list(key), self.settings.jacobians)
+        parts = self._sections[key]
+        return gram_partial(self.model, self._x(shard), layers, self.settings.batch_size,
+                            parts, self.settings.basis_points)
 
     def m(self, shard: tuple[int, int], layer: str, target: str, C_target: np.ndarray) -> Sum:
         s = self.settings
@@ -88,8 +97,9 @@ class SerialBackend:
     def __init__(self, computer: ShardComputer, shards: list[tuple[int, int]]):
         self.c, self.shards = computer, shards
 
-    def gram(self, layers: list[str]) -> dict[int, dict[str, Moments]]:
-        return {i: self.c.gram(s, layers) for i, s in enumerate(self.shards)}
+    def gram(self, layers: list[str], sections: list[tuple[str, str]] | None = None
+             ) -> dict[int, dict[str, Moments | ActSums]]:
+        return {i: self.c.gram(s, layers, sections) for i, s in enumerate(self.shards)}
 
     def m(self, layer: str, target: str, C_target: np.ndarray) -> dict[int, Sum]:
         return {i: self.c.m(s, layer, target, C_target) for i, s in enumerate(self.shards)}

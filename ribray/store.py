@@ -35,7 +35,7 @@ import zarr
 
 from ribray import __version__
 from ribray.location import Location, LocationError
-from ribray.math.accumulators import Moments, Sum
+from ribray.math.accumulators import ActSums, Moments, Sum
 from ribray.math.basis import Basis
 from ribray.math.sequential import SequentialModel
 
@@ -368,8 +368,10 @@ class StoreWriter:
         for name, data in arrays.items():
             self._array(g, name, data, [f"d{i}" for i in range(np.ndim(data))])
         kind = "layers" if isinstance(partial, dict) else type(partial).__name__
+        sections = ([name for name, m in partial.items() if isinstance(m, ActSums)]
+                    if isinstance(partial, dict) else [])
         g.attrs.update({"counts": counts, "kind": kind, "sha256": _digest(arrays),
-                        "complete": True})
+                        **({"sections": sections} if sections else {}), "complete": True})
 
     def load_partials(self, phase: str) -> dict[int, Any]:
         """Complete per-shard partials of ``phase`` kept by an earlier run, by shard id."""
@@ -427,8 +429,9 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
 
 
 def encode_partial(partial: Any) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Arrays and counts of a partial (a Moments, a Sum, or a dict of Moments by layer): float64
-    arrays round-trip exactly, so a resumed reduction is bit-equal to an undisturbed one."""
+    """Arrays and counts of a partial (a Moments, a Sum, or a Gram pass's dict of Moments by
+    layer and ActSums by section): float64 arrays round-trip exactly, so a resumed reduction is
+    bit-equal to an undisturbed one."""
     if isinstance(partial, Moments):
         return {"mean": partial.mean, "comoment": partial.comoment}, {"": partial.count}
     if isinstance(partial, Sum):
@@ -436,9 +439,13 @@ def encode_partial(partial: Any) -> tuple[dict[str, np.ndarray], dict[str, int]]
         return {"total": partial.total, **per}, {"": partial.count}
     if isinstance(partial, dict):
         arrays = {}
-        for layer, m in partial.items():
-            arrays[f"{layer}/mean"], arrays[f"{layer}/comoment"] = m.mean, m.comoment
-        return arrays, {layer: m.count for layer, m in partial.items()}
+        for name, m in partial.items():
+            if isinstance(m, ActSums):
+                if m.g_sum is not None and m.gram is not None:
+                    arrays[f"{name}/g_sum"], arrays[f"{name}/g_gram"] = m.g_sum, m.gram
+            else:
+                arrays[f"{name}/mean"], arrays[f"{name}/comoment"] = m.mean, m.comoment
+        return arrays, {name: m.count for name, m in partial.items()}
     raise TypeError(f"cannot keep a partial of type {type(partial).__name__}")
 
 
@@ -450,8 +457,18 @@ def decode_partial(g: zarr.Group) -> Any:
     if kind == "Moments":
         return Moments(int(counts[""]), np.asarray(g["mean"][...]),
                        np.asarray(g["comoment"][...]))
-    return {name: Moments(int(counts[name]), np.asarray(g[f"{name}/mean"][...]),
-                          np.asarray(g[f"{name}/comoment"][...])) for name in counts}
+    sections = set(g.attrs.get("sections", []))
+    out: dict[str, Moments | ActSums] = {}
+    for name in counts:
+        if name in sections:
+            has = f"{name}/g_sum" in g
+            out[name] = ActSums(int(counts[name]),
+                                np.asarray(g[f"{name}/g_sum"][...]) if has else None,
+                                np.asarray(g[f"{name}/g_gram"][...]) if has else None)
+        else:
+            out[name] = Moments(int(counts[name]), np.asarray(g[f"{name}/mean"][...]),
+                                np.asarray(g[f"{name}/comoment"][...]))
+    return out
 
 
 def open_store(path: Where, mode: str = "r") -> zarr.Group:

@@ -137,6 +137,74 @@ def test_a_whole_job_gives_the_same_basis_either_way(tmp_path):
         np.testing.assert_allclose(Mf, Me, rtol=0, atol=1e-9 * np.abs(Me).max())
 
 
+class _Calls:
+    """A serial backend that records which passes over the data it made."""
+
+    def __init__(self, backend):
+        self.backend, self.calls = backend, []
+
+    def gram(self, layers, sections=None):
+        self.calls.append(("gram", tuple(sections or ())))
+        return self.backend.gram(layers, sections)
+
+    def m(self, layer, target, C_target):
+        self.calls.append(("m", layer))
+        return self.backend.m(layer, target, C_target)
+
+    def edges(self, *args):
+        self.calls.append(("edges", args[0]))
+        return self.backend.edges(*args)
+
+
+@pytest.mark.parametrize("arch", ["transformer-relu", "transformer-gelu", "mlp-gelu"])
+def test_closed_sections_take_their_sums_from_the_gram_pass(arch):
+    """With ``closed``, the Gram pass also takes each position-wise section's Σ g and Σ g gᵀ,
+    and those layers' bases come without a pass of their own: no M pass for them, and the same
+    Λ, M, C and jackknife spread as from their M passes, to 1e-12 of the largest entry (the
+    same sums in float64, merged in another order: ~1e-16 apart before the eigensolver)."""
+    from functools import partial
+
+    from ribray import pipeline
+    from ribray.data import shard_ranges
+    from ribray.shards import ComputeSettings, SerialBackend, ShardComputer
+
+    if arch.startswith("transformer"):
+        model, inputs = _transformer(arch.split("-")[1])
+        layers = ["ln1.0", "ln2.0", "ln1.1", "ln2.1", "unembed", "output"]
+    else:
+        model, inputs = _mlp("gelu")
+        layers = model.names
+    pts = integration_points("trapezoidal", 3)
+    comp = ShardComputer(model, inputs, ComputeSettings(16, pts, pts))
+    pairs = pipeline.m_pairs(layers, "lib")
+    closed = {pair: partial(lib.m_from_sums, parts, points=pts)
+              for pair, parts in lib.closed_sections(model, pairs, "auto").items()}
+    assert closed and len(closed) < len(pairs) or arch == "mlp-gelu"
+    sinks, calls = {}, {}
+    for mode in ("passes", "sums"):
+        backend = _Calls(SerialBackend(comp, shard_ranges(len(inputs), 10)))
+        sinks[mode] = pipeline.MemorySink()
+        pipeline.run(backend, layers, {k: model.width(k) for k in layers},
+                     pipeline.BasisSettings("lib", 1e-12, "absolute", False, True),
+                     sinks[mode], closed=closed if mode == "sums" else None)
+        calls[mode] = backend.calls
+    m_layers = {c[1] for c in calls["sums"] if c[0] == "m"}
+    assert m_layers == {a for a, _ in pairs} - {a for a, _ in closed}
+    assert {c[1] for c in calls["passes"] if c[0] == "m"} == {a for a, _ in pairs}
+    for layer in layers[:-1]:
+        a, b = sinks["passes"].bases[layer], sinks["sums"].bases[layer]
+        signs = np.sign(np.sum(a.C * b.C, axis=0))  # an eigenvector's sign is arbitrary
+        for x, y in ((a.lambdas, b.lambdas), (a.extra["M"], b.extra["M"]), (a.C, b.C * signs)):
+            np.testing.assert_allclose(y, x, rtol=0, atol=1e-12 * np.abs(x).max())
+        assert (a.stability is None) == (b.stability is None)
+        if a.stability is not None:
+            np.testing.assert_allclose(b.stability["top_lambda_rel_se"],
+                                       a.stability["top_lambda_rel_se"], rtol=1e-8)
+    for key, E in sinks["passes"].edge_sets.items():
+        np.testing.assert_allclose(sinks["sums"].edge_sets[key], E, rtol=0,
+                                   atol=1e-12 * np.abs(E).max())
+
+
 def test_a_next_layer_without_features_gives_empty_sums():
     """k_out = 0 (every Λ under the cutoff): the fast paths return the exact path's empty or
     zero sums instead of dividing by zero."""

@@ -59,6 +59,26 @@ class Moments:
 
 
 @dataclass(frozen=True)
+class ActSums:
+    """What the Jacobian-Gram M of a position-wise section ``y = x P + act(x A) B`` needs from
+    its rows, whatever the next layer's basis (float64): the row count, Σ_r g_r (m,) and
+    Σ_r g_r g_rᵀ (m, m), with g_r the integrated activation derivative of row r
+    (:func:`ribray.math.closed_form.act_moments`). Both sums are None for an affine section,
+    whose M needs the count alone. Workers take them in the Gram pass, so such a layer's
+    basis needs no pass of its own (algorithm §13)."""
+
+    count: int
+    g_sum: np.ndarray | None = None
+    gram: np.ndarray | None = None
+
+    def merge(self, other: ActSums) -> ActSums:
+        if self.g_sum is None or other.g_sum is None or self.gram is None or other.gram is None:
+            return ActSums(self.count + other.count)
+        return ActSums(self.count + other.count, self.g_sum + other.g_sum,
+                       self.gram + other.gram)
+
+
+@dataclass(frozen=True)
 class Sum:
     """A float64 sum and the number of (sample, position) terms it normalises by.
 

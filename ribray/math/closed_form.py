@@ -281,12 +281,13 @@ def attention_terms(mp: AttentionMaps, z: Tensor, points: list[Point]) -> Attent
 
 
 def attention_bytes_per_sample(att: Attention, T: int, k_left: int, k_out: int) -> int:
-    """Memory of the largest per-sample term: the query part Q (k_left by k_out per query),
-    u and the factors (heads·T by k_out or k_left per query), or their Gram (heads·T)²."""
+    """Memory of the largest per-sample term: the factors and their products (heads·T rows of
+    k_out, k_left or d_model per query), or their Gram (heads·T)². The edges' attributions
+    (k_left by k_out per query) are formed in blocks of :data:`EDGE_BLOCK` bytes instead."""
     Tq = 1 if att.last_pos_only else T
     H, dh, itemsize = att.W_Q.shape[0], att.W_Q.shape[2], att.W_Q.element_size()
     HT = H * T
-    return itemsize * Tq * max(k_left * k_out, HT * max(k_left, k_out, dh), HT * HT)
+    return itemsize * Tq * max(HT * max(k_left, k_out, H * dh), HT * HT)
 
 
 def _lvoc_times(mp: AttentionMaps, R: Tensor) -> Tensor:
@@ -322,25 +323,37 @@ def m_attention(mp: AttentionMaps, z: Tensor, points: list[Point]) -> Tensor:
     M += VK + VK.T
     U = torch.einsum("bgtsk,bftsk->btgf", u, u)
     M += _f64(torch.einsum("bgtl,btgf,bftm->lm", La, U, La))
-    # the residual and queries at the own position: D = LPC + Xᵀ Y per query
+    # the residual and queries at the own position: D = LPC + Q, Q = Xᵀ Y per query, never
+    # formed (k_left by k_out per query): every sum over queries below is one GEMM over the
+    # stacked factors, inner dimension N·G·T
     X, Y = tm.factors()  # (N, G·T, k_left), (N, G·T, k_out)
-    N = X.shape[0]
-    D = torch.bmm(X.transpose(1, 2), Y)  # Q: (N, k_left, k_out)
-    P = torch.bmm(X.transpose(1, 2), torch.bmm(Y, Y.transpose(1, 2)))  # Xᵀ Y Yᵀ
-    QQ = P.permute(1, 0, 2).reshape(kl, -1) @ X.reshape(-1, kl)
-    LQ = LPC @ D.sum(0).T
+    N, GT, k = X.shape[0], X.shape[1], Y.shape[2]
+    Xf = X.reshape(N * GT, kl)
+    QQ = Xf.T @ torch.bmm(torch.bmm(Y, Y.transpose(1, 2)), X).reshape(N * GT, kl)  # Σ QQᵀ
+    LQ = LPC @ (Xf.T @ Y.reshape(N * GT, k)).T  # LPC (Σ Q)ᵀ
     M += _f64(N * (LPC @ LPC.T) + LQ + LQ.T + QQ)
-    D += LPC
     # their cross terms with the values and keys at the own position
     A_own, u_own = tm.own()  # (B, H, Tq), (B, G, Tq, k)
-    H, G = A_own.shape[1], u_own.shape[1]
-    S = A_own.permute(1, 0, 2).reshape(H, N) @ D.reshape(N, -1)  # Σ A_own,h D: (H, kl·k)
-    cross = _lvoc_times(mp, S.reshape(H, kl, -1).transpose(1, 2)).T  # Σ_h S_h LVOC_hᵀ
-    Du = torch.bmm(D, u_own.permute(0, 2, 3, 1).reshape(N, -1, G))  # D u_own,g: (N, kl, G)
-    cross += Du.permute(1, 0, 2).reshape(kl, -1) @ La.permute(0, 2, 1, 3).reshape(N * G, kl)
+    H, G, dh = A_own.shape[1], u_own.shape[1], mp.OC.shape[1]
+    a = A_own.permute(0, 2, 1).reshape(N, H)  # query rows n = (b, t)
+    # Σ_h (Σ_n a_nh D_n) LVOC_hᵀ = Σ_h T_h LWV_hᵀ, T_h = Σ_n a_nh D_n OC_hᵀ (k_left, d_head)
+    OCt = mp.OC.permute(2, 0, 1).reshape(k, H * dh)  # column block h: OC_hᵀ
+    YO = (Y.reshape(N * GT, k) @ OCt).view(N, GT, H, dh) * a[:, None, :, None]
+    T = (Xf.T @ YO.reshape(N * GT, H * dh)).view(kl, H, dh)
+    T += a.sum(0)[None, :, None] * (LPC @ OCt).view(kl, H, dh)
+    cross = torch.einsum("lhq,hmq->lm", T, mp.LWV)
+    # Σ_{n,g} (D_n u_own,ng) ⊗ La_ng = LPC Σ_n u_n La_n + Σ_n X_nᵀ (Y_n u_n La_n)
+    un = u_own.permute(0, 2, 3, 1).reshape(N, k, G)
+    Lan = La.permute(0, 2, 1, 3).reshape(N, G, kl)
+    cross += LPC @ (un.permute(1, 0, 2).reshape(k, N * G) @ Lan.reshape(N * G, kl))
+    cross += Xf.T @ torch.bmm(torch.bmm(Y, un), Lan).reshape(N * GT, kl)
     cross = _f64(cross)
     M += cross + cross.T
     return M
+
+
+#: the bytes of one block of queries' attributions in :func:`edges_attention` (cache-sized)
+EDGE_BLOCK = 2 * 2**20
 
 
 def edges_attention(mp: AttentionMaps, f_hat: Tensor, C_in_pinv: Tensor,
@@ -365,13 +378,20 @@ def edges_attention(mp: AttentionMaps, f_hat: Tensor, C_in_pinv: Tensor,
     lam = (f_own[:, :, None, None, :] * tm.Lk[:, None]
            + tm.La.permute(0, 2, 1, 3)[:, :, :, None, :] * f[:, None, None, :, :])
     _, Y = tm.factors()
-    a = torch.bmm(lam.reshape(B * Tq, G * T, kl).transpose(1, 2), Y)  # (B·Tq, kl, k)
+    lam = lam.reshape(B * Tq, G * T, kl).transpose(1, 2)  # (B·Tq, kl, G·T)
     # values and the residual: batched over j
     F = torch.einsum("bsj,bhts->jbth", f, tm.A).reshape(kl, B * Tq, -1)
     F = torch.cat([F, f_own.permute(2, 0, 1).reshape(kl, B * Tq, 1)], dim=2)
     LV = torch.cat([tm.LVOC.permute(1, 0, 2), tm.LPC[:, None, :]], dim=1)  # (kl, H+1, k)
-    a += torch.bmm(F, LV).permute(1, 0, 2)
-    return _f64(a.square_().sum(0)).T
+    # a (k_left by k_out per query) in blocks of queries that stay in cache
+    E = torch.zeros(kl, k, dtype=torch.float64, device=f.device)
+    step = max(1, EDGE_BLOCK // max(1, kl * k * f.element_size()))
+    for r0 in range(0, B * Tq, step):
+        r = slice(r0, min(B * Tq, r0 + step))
+        a = torch.bmm(lam[r], Y[r])  # (rows, kl, k)
+        a += torch.bmm(F[:, r], LV).permute(1, 0, 2)
+        E += _f64(a.square_().sum(0))
+    return E.T
 
 
 # --- layer-norm halves ------------------------------------------------------------------------

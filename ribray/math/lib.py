@@ -3,7 +3,9 @@
 Each function runs a sequential model on a batch of model inputs and returns float64 partial
 sums (:mod:`ribray.math.accumulators`) to be merged across shards in shard order:
 
-* :func:`gram_partial`: mean and centred co-moment of each node layer over samples and positions;
+* :func:`gram_partial`: mean and centred co-moment of each node layer over samples and positions,
+  and the :class:`~ribray.math.accumulators.ActSums` of the position-wise sections whose M
+  needs nothing else (:func:`m_from_sums`);
 * :func:`m_partial`: the Jacobian-Gram ``M_raw`` of layer l (eq. 11 with the reference's
   normalisation) from the integrated Jacobian of the target layer's features ``F = f_target @
   C_target`` with respect to layer l's raw activations. The target is the next node layer for
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ribray.math.accumulators import Moments, Sum
+from ribray.math.accumulators import ActSums, Moments, Sum
 from ribray.math.closed_form import (
     ActMoments,
     act_moments,
@@ -61,16 +63,61 @@ def check_finite(t: Tensor, what: str) -> None:
 
 @torch.no_grad()
 def gram_partial(model: SequentialModel, inputs: Tensor, layers: list[str],
-                 batch_size: int) -> dict[str, Moments]:
-    """Moments of each node layer's activations, rows = (sample, position) pairs."""
-    acc: dict[str, Moments] = {}
+                 batch_size: int, sections: dict[tuple[str, str], Parts] | None = None,
+                 points: list[Point] | None = None) -> dict[str, Moments | ActSums]:
+    """Moments of each node layer's activations, rows = (sample, position) pairs; and, keyed
+    :func:`section_key`, the :class:`ActSums` of each position-wise section (layer, target) →
+    Parts in ``sections``, over the same rows and batches as :func:`m_partial` would take them
+    (so M from them is bit-equal to its closed form), at the integration ``points``."""
+    acc: dict[str, Moments | ActSums] = {}
+    sections = sections or {}
+    wanted = sorted(set(layers) | {layer for layer, _ in sections},
+                    key=model.index)
     for batch in _batches(inputs, batch_size):
-        acts = model.activations(batch, layers)
-        for name, a in acts.items():
+        acts = model.activations(batch, wanted)
+        for name in layers:
+            a = acts[name]
             check_finite(a, f"activations of {name}")
             m = Moments.of(a.reshape(-1, a.shape[-1]).to(torch.float64).cpu().numpy())
             acc[name] = acc[name].merge(m) if name in acc else m
+        for (layer, target), parts in sections.items():
+            x = acts[layer]
+            mom = act_moments(parts, x.reshape(-1, x.shape[-1]), points or [])
+            a_sums = ActSums(mom.n, *(None if t is None else t.cpu().numpy()
+                                      for t in (mom.g_sum, mom.gram)))
+            key = section_key(layer, target)
+            prev = acc.get(key)
+            acc[key] = a_sums if not isinstance(prev, ActSums) else prev.merge(a_sums)
     return acc
+
+
+def section_key(layer: str, target: str) -> str:
+    """The key of a section's :class:`ActSums` in a Gram partial."""
+    return f"{layer}--{target}"
+
+
+def closed_sections(model: SequentialModel, pairs: list[tuple[str, str]], method: str
+                    ) -> dict[tuple[str, str], Parts]:
+    """The (layer, target) pairs among ``pairs`` whose M has the closed form of
+    :func:`ribray.math.closed_form.m_from_moments` (position-wise, at most one elementwise
+    activation), with their :class:`Parts`; none on the ``exact`` path."""
+    out = {}
+    for layer, target in pairs:
+        parts = _closed_parts(model, layer, target, method)
+        if parts is not None:
+            out[(layer, target)] = parts
+    return out
+
+
+def m_from_sums(parts: Parts, sums: ActSums, C_target: np.ndarray, points: list[Point]
+                ) -> np.ndarray:
+    """The raw Jacobian-Gram (d_in, d_in) of a position-wise section from its rows'
+    :class:`ActSums`, in float64: equal to :func:`m_partial`'s total for the same rows."""
+    dev = parts.P.device
+    mom = ActMoments(sums.count, *(None if a is None else torch.tensor(a, device=dev)
+                                   for a in (sums.g_sum, sums.gram)))
+    C = torch.tensor(np.asarray(C_target), dtype=torch.float64, device=dev)
+    return m_from_moments(parts, mom, C, points).cpu().numpy()
 
 
 def _as_tensor(a: np.ndarray, model: SequentialModel) -> Tensor:
