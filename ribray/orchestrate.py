@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -120,7 +122,7 @@ DEPTH = 2
 
 @dataclass
 class _Phase:
-    """One phase of a :meth:`RayBackend._map_many`: its shards, cache and progress."""
+    """One phase in :class:`RayBackend`'s pool: its shards, cache and progress."""
 
     phase: str
     method: str
@@ -131,6 +133,13 @@ class _Phase:
     unkept: list[int] = field(default_factory=list)  # computed, not yet kept in the store
     samples: int = 0
     computed: int = 0
+    started: float = 0.0  # perf_counter when queued
+    on_done: Callable[[dict[int, Any]], None] | None = None  # run once, when all are in
+    finished: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return len(self.done) == len(self.shards)
 
     def keep(self) -> None:
         """Keep the computed partials in the store (once the phase has run long enough)."""
@@ -159,57 +168,106 @@ class RayBackend:
         self.report = report or Reporter(log)
         self.job_name, self.tokens_per_sample = job_name, tokens_per_sample
         self.keep_after = keep_after
+        # the pool, shared by every phase in flight: shards queued in phase order (a deque
+        # popped from the left), shards in flight, and free slots (each worker holds up to
+        # DEPTH shards, so the next is queued while the driver keeps the last one's partial)
+        self._phases: list[_Phase] = []
+        self._todo: collections.deque[tuple[_Phase, int]] = collections.deque()
+        self._in_flight: dict[Any, tuple[int, _Phase, int]] = {}
+        self._idle = list(range(len(workers))) * DEPTH
+        self._later: list[Callable[[], None]] = []
+
+    def later(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (the driver's own work: writes, error estimates) once the workers have
+        shards to compute, so it does not hold them up; in order, all before :meth:`drain`
+        returns, and before a failure is raised."""
+        self._later.append(fn)
+
+    def _run_later(self) -> None:
+        while self._later:
+            self._later.pop(0)()
 
     def _map(self, phase: str, method: str, *args: Any) -> dict[int, Any]:
         return self._map_many([(phase, method, args)])[0]
 
     def _map_many(self, calls: list[tuple[str, str, tuple]]) -> list[dict[int, Any]]:
-        """Each call's (phase, worker method, arguments) over its shards, all in one pool:
-        the shards of every call are queued together (in call order), so a worker that
-        finishes one phase's last shard goes on with the next phase's instead of waiting at
-        a barrier. Returns each call's partials by shard id."""
+        """Each call's (phase, worker method, arguments) over its shards, all in one pool
+        (:meth:`_start`), waited for together. Returns each call's partials by shard id."""
+        jobs = self._start(calls)
+        self._finish(jobs)
+        return [j.done for j in jobs]
+
+    def _start(self, calls: list[tuple[str, str, tuple]],
+               on_done: list[Callable[[dict[int, Any]], None] | None] | None = None
+               ) -> list[_Phase]:
+        """Queue each call's (phase, worker method, arguments) over its shards behind those
+        already queued, so a worker that finishes one phase's last shard goes on with the
+        next phase's instead of waiting at a barrier. ``on_done[i]`` receives call i's
+        partials by shard id once all are in (the driver, between other phases' shards)."""
         jobs = [_Phase(phase, method, self._shards(method), self._cache(method),
-                       [ray.put(a) if isinstance(a, np.ndarray) else a for a in args])
-                for phase, method, args in calls]
+                       [ray.put(a) if isinstance(a, np.ndarray) else a for a in args],
+                       started=time.perf_counter(), on_done=on_done[i] if on_done else None)
+                for i, (phase, method, args) in enumerate(calls)]
         for j in jobs:
             j.done = j.cache.load_partials(j.phase) if j.cache else {}
             if j.done:
                 self.log(f"  {j.phase}: {len(j.done)}/{len(j.shards)} shards kept by an "
                          f"earlier run")
-        todo = [(c, s) for c, j in enumerate(jobs) for s in range(len(j.shards))
-                if s not in j.done][::-1]
-        in_flight: dict[Any, tuple[int, int, int]] = {}
-        # each worker holds up to DEPTH shards, so the next is queued while the driver keeps
-        # the last one's partial (the order of results never matters: sums are by shard id)
-        idle = list(range(len(self.workers))) * DEPTH
-        t0 = time.perf_counter()
+            self._todo.extend((j, s) for s in range(len(j.shards)) if s not in j.done)
+        self._phases.extend(jobs)
+        self._dispatch()
+        return jobs
+
+    def _dispatch(self) -> None:
+        while self._todo and self._idle:
+            w, (j, s) = self._idle.pop(), self._todo.popleft()
+            ref = getattr(self.workers[w], j.method).remote(j.shards[s], *j.refs)
+            self._in_flight[ref] = (w, j, s)
+
+    def _finish(self, jobs: list[_Phase]) -> None:
+        """Run the pool until every phase in ``jobs`` is complete (others go on meanwhile);
+        the driver's :meth:`later` work runs while the workers compute."""
         try:
-            while todo or in_flight:
-                while todo and idle:
-                    w, (c, s) = idle.pop(), todo.pop()
-                    j = jobs[c]
-                    ref = getattr(self.workers[w], j.method).remote(j.shards[s], *j.refs)
-                    in_flight[ref] = (w, c, s)
-                ready, _ = ray.wait(list(in_flight), num_returns=1)
+            self._settle()
+            while not all(j.complete for j in jobs):
+                self._dispatch()
+                self._run_later()
+                ready, _ = ray.wait(list(self._in_flight), num_returns=1)
                 for ref in ready:
-                    w, c, s = in_flight.pop(ref)
-                    idle.append(w)
-                    j = jobs[c]
+                    w, j, s = self._in_flight.pop(ref)
+                    self._idle.append(w)
                     j.done[s] = self._result(ref, j.phase, s, j.shards[s])
                     j.unkept.append(s)
                     j.samples += j.shards[s][1] - j.shards[s][0]
                     j.computed += 1
-                    self._report(j, time.perf_counter() - t0)
-                elapsed = time.perf_counter() - t0
-                if (todo or in_flight) and elapsed >= self.keep_after:
-                    for j in jobs:
+                    self._report(j, time.perf_counter() - j.started)
+                self._dispatch()
+                now = time.perf_counter()
+                for j in self._phases:
+                    if not j.complete and now - j.started >= self.keep_after:
                         j.keep()
+                self._settle()
         except BaseException:
-            for ref in in_flight:  # queued shards would otherwise be retried on dying actors
+            for ref in self._in_flight:  # queued shards would otherwise be retried on dying actors
                 with contextlib.suppress(Exception):
                     ray.cancel(ref)
+            self._in_flight.clear()
+            self._todo.clear()
+            with contextlib.suppress(Exception):  # results already in are written first
+                self._run_later()
             raise
-        return [j.done for j in jobs]
+
+    def _settle(self) -> None:
+        """Hand each newly complete phase's partials to its ``on_done``; forget it."""
+        for j in [j for j in self._phases if j.complete]:
+            self._phases.remove(j)
+            if j.on_done is not None:
+                j.on_done(j.done)
+
+    def drain(self) -> None:
+        """Wait for every phase still in the pool and run the driver's :meth:`later` work."""
+        self._finish(list(self._phases))
+        self._run_later()
 
     def _shards(self, method: str) -> list[tuple[int, int]]:
         return self.shards if method in ("gram", "features") else self.jacobian_shards
@@ -248,21 +306,28 @@ class RayBackend:
 
     def edges(self, layer: str, next_layer: str, C_in: np.ndarray, C_in_pinv: np.ndarray,
               C_out: np.ndarray):
-        return self.edges_many([(layer, next_layer, C_in, C_in_pinv, C_out)])[0]
+        return self._map_many([self._edge_call(layer, next_layer, C_in, C_in_pinv, C_out)])[0]
 
     def m_with_edges(self, layer: str, target: str, C_target: np.ndarray,
-                     edges: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]]):
-        """:meth:`m` of ``layer`` and :meth:`edges` of each (layer, next_layer, C_in,
-        C_in_pinv, C_out) in ``edges`` in one map (all need only bases already known): no
-        barrier between the phases. The M shards are queued first: the next basis waits on
-        them. Returns (M partials, [edge partials, in the order of ``edges``])."""
-        out = self._map_many([(f"M/{layer}", "m", (layer, target, C_target))]
-                             + [self._edge_call(*e) for e in edges])
-        return out[0], out[1:]
+                     edges: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]],
+                     on_edges: Callable[[int, dict[int, Any]], None]) -> dict[int, Any]:
+        """:meth:`m` of ``layer``, with :meth:`edges` of each (layer, next_layer, C_in,
+        C_in_pinv, C_out) in ``edges`` queued behind its shards (all need only bases already
+        known). Returns once M's shards are in; the edges go on meanwhile, and each edge set's
+        partials go to ``on_edges(i, partials)`` once complete (at the latest in
+        :meth:`drain`)."""
+        jobs = self._start([(f"M/{layer}", "m", (layer, target, C_target))]
+                           + [self._edge_call(*e) for e in edges],
+                           [None] + [functools.partial(on_edges, i) for i in range(len(edges))])
+        self._finish(jobs[:1])
+        return jobs[0].done
 
-    def edges_many(self, edges: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]]):
-        """:meth:`edges` of several layer pairs in one map."""
-        return self._map_many([self._edge_call(*e) for e in edges])
+    def edges_many(self, edges: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]],
+                   on_edges: Callable[[int, dict[int, Any]], None]) -> None:
+        """:meth:`edges` of several layer pairs, queued behind what is in the pool; each
+        set's partials go to ``on_edges(i, partials)`` once complete (see :meth:`drain`)."""
+        self._start([self._edge_call(*e) for e in edges],
+                    [functools.partial(on_edges, i) for i in range(len(edges))])
 
     @staticmethod
     def _edge_call(layer: str, nxt: str, C_in: np.ndarray, C_in_pinv: np.ndarray,

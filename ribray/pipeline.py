@@ -8,6 +8,7 @@ every finished piece to a :class:`Sink` (the Zarr store) as soon as it exists.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -90,12 +91,17 @@ def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: B
 
     ``closed``: the sections (layer, target) whose M follows from their rows'
     :class:`ActSums` (:func:`ribray.math.lib.m_from_sums`). The Gram pass takes those sums
-    too, so these layers' bases need no pass of their own. With a backend that has
-    ``m_with_edges`` (:class:`ribray.orchestrate.RayBackend`) the edges of the layer pairs
-    whose bases are known are computed in the next map of an M, and their time is counted in
-    ``basis_M``; the rest in one map at the end."""
+    too, so these layers' bases need no pass of their own.
+
+    With a backend that runs phases side by side (:class:`ribray.orchestrate.RayBackend`:
+    ``later``, ``m_with_edges``, ``edges_many``, ``drain``), the driver's own work that the
+    next pass does not wait on (writes, the jackknife and the sources' error) runs while the
+    workers compute, and the edges of each layer pair whose bases are known are queued behind
+    the next M pass's shards and written when they are in; their time is counted in
+    ``basis_M``, and ``edges`` is what remains after the last basis."""
     timings: dict[str, float] = {"gram": 0.0, "basis_M": 0.0, "edges": 0.0}
     t0 = time.perf_counter()
+    later: Callable[[Callable[[], None]], None] = getattr(backend, "later", lambda fn: fn())
     stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     sums: dict[tuple[str, str], dict[int, ActSums]] = {}
     stored = {n: _stored(sink, "stored_stats", n) for n in layers}
@@ -111,7 +117,7 @@ def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: B
             cov = m.covariance()
             stats[n] = (m.mean, cov)
             gram = bases.centred_gram(cov, SequentialModel.const_index(n, widths[n]))
-            sink.gram(n, m.mean, gram, m.count)
+            later(functools.partial(sink.gram, n, m.mean, gram, m.count))
         for pair in closed or {}:
             key = section_key(*pair)
             if all(isinstance(p.get(key), ActSums) for p in partials.values()):
@@ -124,9 +130,9 @@ def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: B
     kept = _stored(sink, "stored_basis", final)
     results[final] = kept if kept is not None else _final_basis(final, widths, stats, settings)
     if kept is None:
-        sink.basis(final, results[final])
+        later(functools.partial(sink.basis, final, results[final]))
     # The edges of a layer pair need only the two bases, so (with a backend that can) they
-    # are computed in the next map of an M: no barrier between the phases.
+    # are queued behind the next M pass: no barrier between the phases.
     pending: list[tuple[str, str]] = []
 
     def edge_args(layer: str, nxt: str) -> tuple:
@@ -137,19 +143,27 @@ def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: B
         s = reduce_in_order(partials)
         sink.edges(layer, nxt, s.mean(), edges_error_attrs(s))
 
-    def m_map(layer: str, target: str, C_target: np.ndarray) -> dict[int, Sum]:
+    def writer(pairs: list[tuple[str, str]], how: str) -> Callable[[int, dict[int, Sum]], None]:
+        def done(i: int, partials: dict[int, Sum]) -> None:
+            write_edges(*pairs[i], partials)
+            log(f"edges {pairs[i][0]} -> {pairs[i][1]}: {how}")
+        return done
+
+    def m_map(layer: str, target: str, C_target: np.ndarray) -> MParts:
         if (layer, target) in sums and closed is not None:  # from the Gram pass's sums
-            fn = closed[(layer, target)]
-            return {s: Sum(a.count, fn(a, C_target)) for s, a in sums[(layer, target)].items()}
+            fn, by_shard = closed[(layer, target)], sums[(layer, target)]
+            total = reduce_in_order(by_shard)
+            return (Sum(total.count, fn(total, C_target)),  # per shard only for the errors
+                    lambda: {s: Sum(a.count, fn(a, C_target)) for s, a in by_shard.items()})
         fused = getattr(backend, "m_with_edges", None)
         if not pending or fused is None:
-            return backend.m(layer, target, C_target)
-        m_parts, e_parts = fused(layer, target, C_target, [edge_args(*e) for e in pending])
-        for (a, b), parts in zip(pending, e_parts, strict=True):
-            write_edges(a, b, parts)
-            log(f"edges {a} -> {b}: with M/{layer}")
-        pending.clear()
-        return m_parts
+            parts = backend.m(layer, target, C_target)
+        else:
+            pairs = list(pending)
+            pending.clear()
+            parts = fused(layer, target, C_target, [edge_args(*e) for e in pairs],
+                          writer(pairs, f"queued behind M/{layer}"))
+        return reduce_in_order(parts), lambda: parts
 
     for i in range(len(layers) - 2, -1, -1):
         layer, nxt = layers[i], layers[i + 1]
@@ -159,26 +173,30 @@ def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: B
             results[layer] = kept
             log(f"basis {layer}: written by an earlier run")
         else:
-            results[layer] = _layer_basis(m_map, layer, nxt, final, widths, stats, settings,
-                                          results)
+            results[layer], finish = _layer_basis(m_map, layer, nxt, final, widths, stats,
+                                                  settings, results)
+            later(functools.partial(_finish_basis, sink, layer, finish))
             timings["basis_M"] += time.perf_counter() - t1
-            sink.basis(layer, results[layer])
             log(f"basis {layer}: {results[layer].n_features} features, "
                 f"{time.perf_counter() - t1:.1f}s")
         if settings.compute_edges and not _stored(sink, "stored_edges", layer, nxt):
             pending.append((layer, nxt))
     t2 = time.perf_counter()
     many = getattr(backend, "edges_many", None)
-    if many is not None and pending:  # the rest in one map
-        for (a, b), parts in zip(pending, many([edge_args(*e) for e in pending]), strict=True):
-            write_edges(a, b, parts)
+    if many is not None and pending:  # the rest behind what is still running
+        many([edge_args(*e) for e in pending], writer(list(pending), "after the last basis"))
     else:
         for a, b in pending:
             write_edges(a, b, backend.edges(*edge_args(a, b)))
-    if pending:
-        timings["edges"] = time.perf_counter() - t2
-        log(f"edges {', '.join(f'{a} -> {b}' for a, b in pending)}: {timings['edges']:.1f}s")
+    drain = getattr(backend, "drain", None)
+    if drain is not None:
+        drain()  # what is still running, and the driver's deferred work
+    timings["edges"] = time.perf_counter() - t2
     return timings
+
+
+def _finish_basis(sink: Sink, layer: str, finish: Callable[[], bases.Basis]) -> None:
+    sink.basis(layer, finish())
 
 
 def _stored(sink: Sink, method: str, *args: str):
@@ -200,27 +218,39 @@ def _final_basis(final: str, widths: dict[str, int], stats: dict, settings: Basi
                                      var=SequentialModel.variance_index(final, widths[final])))
 
 
-def _layer_basis(m_map: Callable[[str, str, np.ndarray], dict[int, Sum]], layer: str,
+#: M of a layer: the reduced sum, and a function giving the per-shard partials (the jackknife's)
+MParts = tuple[Sum, Callable[[], dict[int, Sum]]]
+
+
+def _layer_basis(m_map: Callable[[str, str, np.ndarray], MParts], layer: str,
                  nxt: str, final: str, widths: dict[str, int], stats: dict,
-                 settings: BasisSettings, done: dict[str, bases.Basis]) -> bases.Basis:
-    """The basis of ``layer`` (M partials from ``m_map(layer, target, C_target)``)."""
+                 settings: BasisSettings, done: dict[str, bases.Basis]
+                 ) -> tuple[bases.Basis, Callable[[], bases.Basis]]:
+    """The basis of ``layer`` (M from ``m_map(layer, target, C_target)``), and a
+    function that returns it with its error estimates (the jackknife over shards and the
+    sources' error), which the next pass need not wait for."""
     mean, cov = stats[layer]
     const = SequentialModel.const_index(layer, widths[layer])
     if settings.kind == "neuron":
-        return bases.unrotated_basis(cov, const)
+        b = bases.unrotated_basis(cov, const)
+        return b, lambda: b
     assert const is not None, "only the final node layer may be `output`"
     p = bases.pca(cov, mean, const, settings.threshold, settings.threshold_mode,
                   var=SequentialModel.variance_index(layer, widths[layer]))
     if settings.kind == "pca":
-        return bases.pca_basis(p)
+        b = bases.pca_basis(p)
+        return b, lambda: b
     target = nxt if settings.kind == "lib" else final
-    partials = m_map(layer, target, done[target].C)
-    full = reduce_in_order(partials)
+    full, partials = m_map(layer, target, done[target].C)
     b = bases.lib_basis(p, full.mean(), settings.threshold, settings.threshold_mode)
     fixed = sum(i is not None for i in (b.const_feature, b.variance_feature))
-    stab = jackknife(p, partials, b.n_features - fixed)
-    return replace(b, stability=stab.as_attrs() if stab is not None else None,
-                   stochastic_error=source_error_attrs(p, full, b.n_features - fixed))
+
+    def with_errors() -> bases.Basis:
+        stab = jackknife(p, partials(), b.n_features - fixed)
+        return replace(b, stability=stab.as_attrs() if stab is not None else None,
+                       stochastic_error=source_error_attrs(p, full, b.n_features - fixed))
+
+    return b, with_errors
 
 
 class MemorySink:
