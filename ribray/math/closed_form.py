@@ -302,12 +302,14 @@ def m_attention(mp: AttentionMaps, z: Tensor, points: list[Point]) -> Tensor:
     :class:`AttentionTerms`), D = LPC + Q, Q = Xᵀ Y (:meth:`AttentionTerms.factors`):
 
     * Σ (V + K)(V + K)ᵀ = Σ_{h,h'} (Σ A_h A_h') LVOC_h LVOC_h'ᵀ + VK + VKᵀ + Σ La U La ᵀ,
-      VK = Σ_h LVOC_h Σ A_h u_g ⊗ La_g,  U[g, g'] = Σ_s u_g · u_g';
-    * Σ D Dᵀ = N LPC LPCᵀ + LPC (Σ Q)ᵀ + its transpose + Σ Xᵀ (Y Yᵀ) X;
-    * Σ D (V + K)ᵀ at the own position, and its transpose: Σ_h (Σ A_own,h D) LVOC_hᵀ and
-      Σ_g (D u_own,g) ⊗ La_g, with D formed per query (k_left by k_out).
+      VK = Σ_h LWV_h OC_h Σ A_h u_g ⊗ La_g,  U[g, g'] = Σ_s u_g · u_g';
+    * the own position, D Dᵀ and D (V + K)ᵀ with its transpose: N LPC LPCᵀ + S + Sᵀ,
+      S = Σ Q LPCᵀ + ½ Σ Q Qᵀ + Σ_h (Σ A_own,h D) LVOC_hᵀ + Σ_g (D u_own,g) ⊗ La_g.
+      Every sum over queries of Q = Xᵀ Y is Xᵀ times a matrix of Y's rows, so S is one GEMM
+      Xᵀ R over the stacked factors (inner dimension N·G·T) plus LPC times small sums; Q
+      (k_left by k_out per query) is never formed.
 
-    The largest products are Σ Xᵀ (Y Yᵀ) X, k_left² by B·Tq·G·T, and forming D."""
+    The largest products are Xᵀ R, and forming R (N·G·T rows of k_left)."""
     if mp.OC.shape[-1] == 0:  # a next layer that kept no feature
         return torch.zeros(mp.LPC.shape[0], mp.LPC.shape[0], dtype=torch.float64,
                            device=z.device)
@@ -320,36 +322,33 @@ def m_attention(mp: AttentionMaps, z: Tensor, points: list[Point]) -> Tensor:
     c = torch.einsum("bhts,bgts->hg", A, A)
     M += _f64(_lvoc_times(mp, torch.einsum("hg,glk->hkl", c, tm.LVOC)))  # Σ c LVOC LVOCᵀ
     Wv = torch.einsum("bhts,bgtsk->bhtgk", A, u)  # Σ_s A_h u_g
-    VK = _f64(_lvoc_times(mp, torch.einsum("bhtgk,bgtl->hkl", Wv, La)))
+    WvO = torch.einsum("hqk,bhtgk->bhtgq", mp.OC, Wv)  # through OC_h first
+    VK = _f64(torch.einsum("hlq,hqm->lm", mp.LWV, torch.einsum("bhtgq,bgtm->hqm", WvO, La)))
     M += VK + VK.T
     U = torch.einsum("bgtsk,bftsk->btgf", u, u)
     M += _f64(torch.einsum("bgtl,btgf,bftm->lm", La, U, La))
-    # the residual and queries at the own position: D = LPC + Q, Q = Xᵀ Y per query, never
-    # formed (k_left by k_out per query): every sum over queries below is one GEMM over the
-    # stacked factors, inner dimension N·G·T
+    # the own position: N LPC LPCᵀ + S + Sᵀ, S = Xᵀ R + LPC (small sums)
     X, Y = tm.factors()  # (N, G·T, k_left), (N, G·T, k_out)
     N, GT, k = X.shape[0], X.shape[1], Y.shape[2]
-    Xf = X.reshape(N * GT, kl)
-    QQ = Xf.T @ torch.bmm(torch.bmm(Y, Y.transpose(1, 2)), X).reshape(N * GT, kl)  # Σ QQᵀ
-    LQ = LPC @ (Xf.T @ Y.reshape(N * GT, k)).T  # LPC (Σ Q)ᵀ
-    M += _f64(N * (LPC @ LPC.T) + LQ + LQ.T + QQ)
-    # their cross terms with the values and keys at the own position
     A_own, u_own = tm.own()  # (B, H, Tq), (B, G, Tq, k)
     H, G, dh = A_own.shape[1], u_own.shape[1], mp.OC.shape[1]
     a = A_own.permute(0, 2, 1).reshape(N, H)  # query rows n = (b, t)
-    # Σ_h (Σ_n a_nh D_n) LVOC_hᵀ = Σ_h T_h LWV_hᵀ, T_h = Σ_n a_nh D_n OC_hᵀ (k_left, d_head)
-    OCt = mp.OC.permute(2, 0, 1).reshape(k, H * dh)  # column block h: OC_hᵀ
-    YO = (Y.reshape(N * GT, k) @ OCt).view(N, GT, H, dh) * a[:, None, :, None]
-    T = (Xf.T @ YO.reshape(N * GT, H * dh)).view(kl, H, dh)
-    T += a.sum(0)[None, :, None] * (LPC @ OCt).view(kl, H, dh)
-    cross = torch.einsum("lhq,hmq->lm", T, mp.LWV)
-    # Σ_{n,g} (D_n u_own,ng) ⊗ La_ng = LPC Σ_n u_n La_n + Σ_n X_nᵀ (Y_n u_n La_n)
     un = u_own.permute(0, 2, 3, 1).reshape(N, k, G)
     Lan = La.permute(0, 2, 1, 3).reshape(N, G, kl)
-    cross += LPC @ (un.permute(1, 0, 2).reshape(k, N * G) @ Lan.reshape(N * G, kl))
-    cross += Xf.T @ torch.bmm(torch.bmm(Y, un), Lan).reshape(N * GT, kl)
-    cross = _f64(cross)
-    M += cross + cross.T
+    Yf = Y.reshape(N * GT, k)
+    R = Yf @ LPC.T  # Σ Q LPCᵀ
+    R.add_(torch.bmm(torch.bmm(Y, Y.transpose(1, 2)), X).view(N * GT, kl), alpha=0.5)  # ½ QQᵀ
+    R += torch.bmm(torch.bmm(Y, un), Lan).view(N * GT, kl)  # Σ_g (Q u_own,g) ⊗ La_g
+    # Σ_h (Σ_n a_nh Q_n) LVOC_hᵀ: Y's rows through OC_hᵀ, weighted by a_h, then LWV_hᵀ
+    YO = (Yf @ mp.OC.permute(2, 0, 1).reshape(k, H * dh)).view(N, GT, H, dh)
+    YO *= a[:, None, :, None]
+    R.addmm_(YO.view(N * GT, H * dh), mp.LWV.permute(0, 2, 1).reshape(H * dh, kl))
+    S = X.reshape(N * GT, kl).T @ R
+    small = torch.einsum("h,hmk->km", a.sum(0), tm.LVOC)  # Σ_h (Σ_n a_nh) LVOC_hᵀ
+    small += un.permute(1, 0, 2).reshape(k, N * G) @ Lan.reshape(N * G, kl)  # Σ u_own ⊗ La
+    S += LPC @ small
+    S = _f64(S)
+    M += N * _f64(LPC @ LPC.T) + S + S.T
     return M
 
 
