@@ -183,7 +183,9 @@ class RayBackend:
         returns, and before a failure is raised."""
         self._later.append(fn)
 
-    def _run_later(self) -> None:
+    def run_later(self) -> None:
+        """Run the :meth:`later` work queued so far (also the pipeline's last step when it fails:
+        results already computed are written before the error is raised)."""
         while self._later:
             self._later.pop(0)()
 
@@ -231,7 +233,7 @@ class RayBackend:
             self._settle()
             while not all(j.complete for j in jobs):
                 self._dispatch()
-                self._run_later()
+                self.run_later()
                 ready, _ = ray.wait(list(self._in_flight), num_returns=1)
                 for ref in ready:
                     w, j, s = self._in_flight.pop(ref)
@@ -254,7 +256,7 @@ class RayBackend:
             self._in_flight.clear()
             self._todo.clear()
             with contextlib.suppress(Exception):  # results already in are written first
-                self._run_later()
+                self.run_later()
             raise
 
     def _settle(self) -> None:
@@ -267,7 +269,7 @@ class RayBackend:
     def drain(self) -> None:
         """Wait for every phase still in the pool and run the driver's :meth:`later` work."""
         self._finish(list(self._phases))
-        self._run_later()
+        self.run_later()
 
     def _shards(self, method: str) -> list[tuple[int, int]]:
         return self.shards if method in ("gram", "features") else self.jacobian_shards

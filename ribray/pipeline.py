@@ -8,6 +8,7 @@ every finished piece to a :class:`Sink` (the Zarr store) as soon as it exists.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -99,6 +100,20 @@ def run(backend: Backend, layers: list[str], widths: dict[str, int], settings: B
     workers compute, and the edges of each layer pair whose bases are known are queued behind
     the next M pass's shards and written when they are in; their time is counted in
     ``basis_M``, and ``edges`` is what remains after the last basis."""
+    try:
+        return _recursion(backend, layers, widths, settings, sink, log, closed)
+    except BaseException:
+        flush = getattr(backend, "run_later", None)  # results already in are written first
+        if flush is not None:
+            with contextlib.suppress(Exception):
+                flush()
+        raise
+
+
+def _recursion(backend: Backend, layers: list[str], widths: dict[str, int],
+               settings: BasisSettings, sink: Sink, log: Callable[[str], None],
+               closed: dict[tuple[str, str], ClosedM] | None) -> dict[str, float]:
+    """:func:`run`'s body."""
     timings: dict[str, float] = {"gram": 0.0, "basis_M": 0.0, "edges": 0.0}
     t0 = time.perf_counter()
     later: Callable[[Callable[[], None]], None] = getattr(backend, "later", lambda fn: fn())

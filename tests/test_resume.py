@@ -231,3 +231,40 @@ def test_quick_phases_keep_no_partials(ray_local, small_transformer_ckpt, tmp_pa
             assert a.count == b.count and np.array_equal(a.comoment, b.comoment)
     for w in workers:
         ray.kill(w)
+
+
+def test_a_failing_recursion_writes_what_it_had(ray_local, small_transformer_ckpt, tmp_path):
+    """On Ray the driver's writes wait until the workers have shards to compute; when the
+    recursion fails (here a layer's M from the Gram pass's sums raises), what was computed
+    before the failure (every layer's statistics, the final basis) is written before the error
+    is raised, and nothing after it is."""
+    import ray
+
+    from ribray import pipeline
+    from ribray.build import load_data, load_sequential
+    from ribray.config import load_job
+    from ribray.data import shard_ranges
+    from ribray.orchestrate import LibWorker, RayBackend
+
+    job = load_job(write_job(tmp_path / "job.yaml", **{"model.path": str(small_transformer_ckpt)}))
+    workers = [ray.remote(num_cpus=1)(LibWorker).remote(job.model_dump()) for _ in range(2)]
+    layers = list(job.basis.node_layers)
+    model = load_sequential(job)
+    widths = {n: model.width(n) for n in layers}
+
+    def broken(sums, C):
+        raise RuntimeError("broken on purpose")
+
+    sink = pipeline.MemorySink()
+    backend = RayBackend(workers, shard_ranges(len(load_data(job)), job.ray.shard_size),
+                         lambda s: None)
+    try:
+        with pytest.raises(RuntimeError, match="broken on purpose"):
+            pipeline.run(backend, layers, widths,
+                         pipeline.BasisSettings("lib", 1e-12, "absolute", False, True), sink,
+                         closed={("unembed", "output"): broken})
+    finally:
+        for w in workers:
+            ray.kill(w)
+    assert set(sink.grams) == set(layers)  # queued before the failure, written after it
+    assert set(sink.bases) == {"output"} and not sink.edge_sets
