@@ -135,7 +135,6 @@ class _Phase:
     computed: int = 0
     started: float = 0.0  # perf_counter when queued
     on_done: Callable[[dict[int, Any]], None] | None = None  # run once, when all are in
-    finished: bool = False
 
     @property
     def complete(self) -> bool:
@@ -234,6 +233,8 @@ class RayBackend:
             while not all(j.complete for j in jobs):
                 self._dispatch()
                 self.run_later()
+                if not self._in_flight:  # only after a failure dropped the queue
+                    raise RuntimeError("phases left incomplete by an earlier failure")
                 ready, _ = ray.wait(list(self._in_flight), num_returns=1)
                 for ref in ready:
                     w, j, s = self._in_flight.pop(ref)
@@ -255,6 +256,7 @@ class RayBackend:
                     ray.cancel(ref)
             self._in_flight.clear()
             self._todo.clear()
+            self._phases.clear()
             with contextlib.suppress(Exception):  # results already in are written first
                 self.run_later()
             raise

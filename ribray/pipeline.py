@@ -36,8 +36,11 @@ class Backend(Protocol):
     def edges(self, layer: str, next_layer: str, C_in: np.ndarray, C_in_pinv: np.ndarray,
               C_out: np.ndarray) -> dict[int, Sum]: ...
 
-    # optional: m_with_edges(layer, target, C_target, edges) -> (M partials, [edge partials]),
-    # where edges is a list of (layer, next_layer, C_in, C_in_pinv, C_out): all in one map
+    # optional (phases side by side, as RayBackend): later(fn) and run_later() for the
+    # driver's deferred work; m_with_edges(layer, target, C_target, edges, on_edges) -> M
+    # partials, with the edges of each (layer, next_layer, C_in, C_in_pinv, C_out) in
+    # ``edges`` queued behind and handed to on_edges(i, partials) when in;
+    # edges_many(edges, on_edges) likewise; drain() to wait for all of it
 
 
 class Sink(Protocol):

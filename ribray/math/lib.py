@@ -68,7 +68,8 @@ def gram_partial(model: SequentialModel, inputs: Tensor, layers: list[str],
     """Moments of each node layer's activations, rows = (sample, position) pairs; and, keyed
     :func:`section_key`, the :class:`ActSums` of each position-wise section (layer, target) →
     Parts in ``sections``, over the same rows and batches as :func:`m_partial` would take them
-    (so M from them is bit-equal to its closed form), at the integration ``points``."""
+    (so a shard's M from them is bit-equal to its closed form), at the integration
+    ``points``."""
     acc: dict[str, Moments | ActSums] = {}
     sections = sections or {}
     wanted = sorted(set(layers) | {layer for layer, _ in sections},
