@@ -294,12 +294,10 @@ class StoreWriter:
         if "M" in b.extra:
             self._array(g, "M", b.extra["M"], ["pca", "pca_T"])
             self._array(g, "pca_eigenvalues", b.extra["pca_eigenvalues"], ["pca"])
-        if b.stability is not None:
-            g.attrs["stability"] = b.stability
-        if b.stochastic_error is not None:
-            g.attrs["stochastic_error"] = b.stochastic_error
-        g.attrs.update({"n_features": b.n_features, "const_feature": b.const_feature,
-                        "variance_feature": b.variance_feature, "complete": True})
+        extra = {k: v for k, v in (("stability", b.stability),
+                                   ("stochastic_error", b.stochastic_error)) if v is not None}
+        g.attrs.update({**extra, "n_features": b.n_features, "const_feature": b.const_feature,
+                        "variance_feature": b.variance_feature, "complete": True})  # one write
 
     def edges(self, layer: str, next_layer: str, E: np.ndarray,
               attrs: dict[str, Any] | None = None) -> None:
