@@ -156,8 +156,9 @@ class _Calls:
         return self.backend.edges(*args)
 
 
-@pytest.mark.parametrize("arch", ["transformer-relu", "transformer-gelu", "mlp-gelu"])
-def test_closed_sections_take_their_sums_from_the_gram_pass(arch):
+@pytest.mark.parametrize("arch,kind", [("transformer-relu", "lib"), ("transformer-gelu", "lib"),
+                                       ("mlp-gelu", "lib"), ("transformer-relu", "gib")])
+def test_closed_sections_take_their_sums_from_the_gram_pass(arch, kind):
     """With ``closed``, the Gram pass also takes each position-wise section's Σ g and Σ g gᵀ,
     and those layers' bases come without a pass of their own: no M pass for them, and the same
     Λ, M, C and jackknife spread as from their M passes, to 1e-12 of the largest entry (the
@@ -176,7 +177,7 @@ def test_closed_sections_take_their_sums_from_the_gram_pass(arch):
         layers = model.names
     pts = integration_points("trapezoidal", 3)
     comp = ShardComputer(model, inputs, ComputeSettings(16, pts, pts))
-    pairs = pipeline.m_pairs(layers, "lib")
+    pairs = pipeline.m_pairs(layers, kind)
     closed = {pair: partial(lib.m_from_sums, parts, points=pts)
               for pair, parts in lib.closed_sections(model, pairs, "auto").items()}
     assert closed and len(closed) < len(pairs) or arch == "mlp-gelu"
@@ -185,7 +186,7 @@ def test_closed_sections_take_their_sums_from_the_gram_pass(arch):
         backend = _Calls(SerialBackend(comp, shard_ranges(len(inputs), 10)))
         sinks[mode] = pipeline.MemorySink()
         pipeline.run(backend, layers, {k: model.width(k) for k in layers},
-                     pipeline.BasisSettings("lib", 1e-12, "absolute", False, True),
+                     pipeline.BasisSettings(kind, 1e-12, "absolute", False, True),
                      sinks[mode], closed=closed if mode == "sums" else None)
         calls[mode] = backend.calls
     m_layers = {c[1] for c in calls["sums"] if c[0] == "m"}
