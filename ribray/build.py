@@ -73,6 +73,13 @@ def compute_settings(job: JobSpec) -> ComputeSettings:
                                           if job.ray.memory_budget_gb is not None else None))
 
 
+def jacobian_samples(job: JobSpec, n_samples: int) -> int:
+    """How many samples (the first ones) M and the edges use: ``data.jacobian_samples`` of a
+    text data set, capped at the data set; every sample otherwise."""
+    n = getattr(job.data, "jacobian_samples", None)
+    return n_samples if n is None else min(n, n_samples)
+
+
 #: the most memory the Gram pass's per-shard sums of closed-form sections may take (bytes)
 SECTION_SUMS_BUDGET = 2**30
 
@@ -83,8 +90,7 @@ def closed_m(job: JobSpec, model: SequentialModel, n_samples: int, n_shards: int
     :class:`~ribray.math.accumulators.ActSums` (``pipeline.run``'s ``closed``): the
     position-wise ones of the ``auto`` path, when M and the Gram use the same samples and
     their per-shard sums (Σ g gᵀ, m × m each) fit :data:`SECTION_SUMS_BUDGET`."""
-    n_jac = getattr(job.data, "jacobian_samples", None)
-    if n_jac is not None and n_jac < n_samples:
+    if jacobian_samples(job, n_samples) != n_samples:
         return {}
     settings = compute_settings(job)
     parts = closed_sections(model, m_pairs(list(job.basis.node_layers), job.basis.kind),

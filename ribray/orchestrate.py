@@ -33,6 +33,7 @@ from ribray.build import (
     compute_settings,
     fingerprint_file,
     fingerprint_tensor,
+    jacobian_samples,
     load_data,
     load_sequential,
 )
@@ -431,13 +432,6 @@ def placement(spec: RaySpec | Any) -> tuple[int, float]:
     if gpus > 0:
         return max(1, int(res.get("GPU", 0) // gpus)), gpus
     return max(1, int(res.get("CPU", 1) // spec.cpus_per_worker)), gpus
-
-
-def jacobian_samples(job: JobSpec, n_samples: int) -> int:
-    """How many samples (the first ones) M and the edges use: ``data.jacobian_samples`` of a
-    text data set, capped at the data set; every sample otherwise."""
-    n = getattr(job.data, "jacobian_samples", None)
-    return n_samples if n is None else min(n, n_samples)
 
 
 def check_job(job: JobSpec) -> dict[str, Any]:

@@ -121,7 +121,7 @@ def _recursion(backend: Backend, layers: list[str], widths: dict[str, int],
     t0 = time.perf_counter()
     later: Callable[[Callable[[], None]], None] = getattr(backend, "later", lambda fn: fn())
     stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    sums: dict[tuple[str, str], dict[int, ActSums]] = {}
+    sums: dict[tuple[str, str], tuple[ClosedM, dict[int, ActSums]]] = {}
     stored = {n: _stored(sink, "stored_stats", n) for n in layers}
     if all(v is not None for v in stored.values()):
         stats = {n: (v[0], v[1]) for n, v in stored.items() if v is not None}
@@ -136,10 +136,10 @@ def _recursion(backend: Backend, layers: list[str], widths: dict[str, int],
             stats[n] = (m.mean, cov)
             gram = bases.centred_gram(cov, SequentialModel.const_index(n, widths[n]))
             later(functools.partial(sink.gram, n, m.mean, gram, m.count))
-        for pair in closed or {}:
+        for pair, fn in (closed or {}).items():
             key = section_key(*pair)
             if all(isinstance(p.get(key), ActSums) for p in partials.values()):
-                sums[pair] = {s: p[key] for s, p in partials.items()}
+                sums[pair] = fn, {s: p[key] for s, p in partials.items()}
         timings["gram"] = time.perf_counter() - t0
         log(f"gram: {len(layers)} node layers, {timings['gram']:.1f}s")
 
@@ -168,8 +168,8 @@ def _recursion(backend: Backend, layers: list[str], widths: dict[str, int],
         return done
 
     def m_map(layer: str, target: str, C_target: np.ndarray) -> MParts:
-        if (layer, target) in sums and closed is not None:  # from the Gram pass's sums
-            fn, by_shard = closed[(layer, target)], sums[(layer, target)]
+        if (layer, target) in sums:  # from the Gram pass's sums
+            fn, by_shard = sums[(layer, target)]
             total = reduce_in_order(by_shard)
             return (Sum(total.count, fn(total, C_target)),  # per shard only for the errors
                     lambda: {s: Sum(a.count, fn(a, C_target)) for s, a in by_shard.items()})
